@@ -1,0 +1,88 @@
+"""The public entry point :func:`logprobs_and_entropy` and its backend choice."""
+
+from __future__ import annotations
+
+import torch
+
+from aepo.kernels._checks import check_logits_labels, check_temperature
+from aepo.kernels.logprob_entropy import INTERPRET, logprobs_entropy_fwd
+from aepo.kernels.torch_backend import torch_logprobs_and_entropy
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend: str, logits: torch.Tensor) -> str:
+    """Map ``backend`` to "triton" or "torch" for these logits, or raise naming the problem.
+
+    "auto" is triton on CUDA (and on CPU under TRITON_INTERPRET=1), torch otherwise and for
+    float64 (the kernels accumulate in fp32).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    triton_device = logits.is_cuda or (logits.device.type == "cpu" and INTERPRET)
+    if backend == "auto":
+        return "triton" if triton_device and logits.dtype != torch.float64 else "torch"
+    if backend == "triton":
+        if logits.dtype == torch.float64:
+            raise TypeError(
+                "backend='triton' takes float32/bfloat16/float16 logits; use backend='torch' "
+                "for float64"
+            )
+        if not triton_device:
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
+                f"set before aepo.kernels is imported; got logits on {logits.device}"
+            )
+    return backend
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    inplace_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of the label and full-vocabulary entropy, in one pass over the logits.
+
+    Args:
+        logits: [..., V] float32 / bfloat16 / float16 (float64 on the torch backend), CPU or
+            CUDA. Any layout whose last dim is contiguous; [B, T, V] slices such as
+            ``logits[:, :-1]`` are read in place by the triton backend.
+        labels: [...] integer, each in [0, V) or ``ignore_index``.
+        temperature: applied as logits / temperature (> 0).
+        ignore_index: label of rows to skip: they return 0 and get exactly zero gradient.
+        backend: "triton" (fused kernels), "torch" (chunked plain torch) or "auto" (triton on
+            CUDA, torch on CPU unless TRITON_INTERPRET=1).
+        inplace_grad: backward writes dL/dlogits into the logits' own storage instead of a new
+            [..., V] buffer. Only for logits that nothing else reads after this op (e.g. fresh
+            lm_head outputs); they are overwritten by the backward.
+
+    Returns:
+        (logp, entropy): each [...] float32 (float64 for float64 logits), differentiable with
+        respect to ``logits``. Entropy is -sum_j p_j log p_j of softmax(logits / temperature).
+
+    Memory: forward saves 2 floats per row (max, log-sum-exp offset) besides its outputs;
+    backward allocates one [..., V] gradient
+    in the logits dtype (none with ``inplace_grad``); the torch backend adds a few
+    [chunk, V] fp32 buffers of about 4 MiB each.
+    """
+    inv_temperature = check_temperature(temperature)
+    labels = check_logits_labels(logits, labels, ignore_index)
+    if not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if inplace_grad and logits.requires_grad and logits.is_leaf:
+        raise ValueError(
+            "inplace_grad=True would overwrite a leaf tensor with its own gradient; pass logits "
+            "produced by an operation (e.g. an lm_head matmul) or use inplace_grad=False"
+        )
+    if resolve_backend(backend, logits) == "torch":
+        return torch_logprobs_and_entropy(
+            logits, labels, inv_temperature, ignore_index, inplace_grad
+        )
+    logp, entropy, _, _ = logprobs_entropy_fwd(
+        logits, labels, inv_temperature, ignore_index, inplace_grad
+    )
+    return logp, entropy

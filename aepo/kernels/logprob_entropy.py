@@ -1,0 +1,292 @@
+"""Fused per-token log-prob and entropy over vocabulary logits, as Triton kernels.
+
+Forward reads each [V] row once (online max / sum-exp / sum p*z, fp32) and writes 4 floats per
+row; backward reads the row once and writes its gradient once (in place if asked). Saved per
+row: the max m and log s (lse = m + log s), plus the entropy it returns (S = lse - H).
+
+Math and notation: :mod:`aepo.kernels.reference` (the plain-torch twin of these kernels).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from aepo.kernels import _buffers
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Sentinel below every finite fp32 logit: starting the running max here keeps exp(m - m_new)
+# finite when a whole block is -inf (masked vocabulary), where -inf would give NaN.
+_NEG_BIG = -3.0e38
+
+
+@triton.jit
+def _row_base(ptr, row, T, stride_b, stride_t):
+    """Address of row ``row`` of a [B, T, V] strided view (int64 arithmetic)."""
+    return ptr + (row // T) * stride_b + (row % T) * stride_t
+
+
+@triton.jit
+def _logp_entropy_fwd_kernel(
+    logits_ptr,  # [B, T, V] strided view, last dim contiguous
+    labels_ptr,  # [N] int64, N = B * T
+    logp_ptr,  # [N] fp32 out
+    entropy_ptr,  # [N] fp32 out
+    m_ptr,  # [N] fp32 out: row max of z, saved for backward
+    log_s_ptr,  # [N] fp32 out: log sum exp(z - m), saved for backward
+    T,
+    stride_b,
+    stride_t,
+    V,
+    inv_t,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(entropy_ptr + row, 0.0)
+        tl.store(m_ptr + row, 0.0)
+        tl.store(log_s_ptr + row, 0.0)
+        return
+    base = _row_base(logits_ptr, row, T, stride_b, stride_t)
+    cols = tl.arange(0, BLOCK_V)
+    # Online over blocks, relative to the running max m: s = sum e, c = sum e (z - m) with
+    # e = exp(z - m); rescaled by alpha = exp(m - m_new) when the max grows.
+    m = tl.full((), _NEG_BIG, tl.float32)
+    s = tl.zeros((), tl.float32)
+    c = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        z = tl.load(base + idx, mask=idx < V, other=float("-inf")).to(tl.float32) * inv_t
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp(m - m_new)
+        w = z - m_new
+        e = tl.exp(w)  # [BLOCK_V], 0 outside the row and at -inf logits
+        c = alpha * (c + (m - m_new) * s) + tl.sum(e * tl.where(e > 0, w, 0.0), 0)
+        s = alpha * s + tl.sum(e, 0)
+        m = m_new
+    log_s = tl.log(s)
+    z_y = tl.load(base + label).to(tl.float32) * inv_t
+    tl.store(logp_ptr + row, (z_y - m) - log_s)
+    tl.store(entropy_ptr + row, log_s - c / s)
+    tl.store(m_ptr + row, m)
+    tl.store(log_s_ptr + row, log_s)
+
+
+@triton.jit
+def _logp_entropy_bwd_kernel(
+    logits_ptr,  # [B, T, V] strided view
+    grad_ptr,  # [B, T, V] strided view, may alias logits_ptr (in-place gradient)
+    labels_ptr,  # [N] int64
+    m_ptr,  # [N] fp32
+    log_s_ptr,  # [N] fp32
+    entropy_ptr,  # [N] fp32
+    glp_ptr,  # [N] fp32 dL/dlogp (read only if HAS_LOGP_GRAD)
+    gh_ptr,  # [N] fp32 dL/dH (read only if HAS_ENTROPY_GRAD)
+    T,
+    stride_b,
+    stride_t,
+    gT,
+    gstride_b,
+    gstride_t,
+    V,
+    inv_t,
+    ignore_index,
+    HAS_LOGP_GRAD: tl.constexpr,
+    HAS_ENTROPY_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    base = _row_base(logits_ptr, row, T, stride_b, stride_t)
+    gbase = _row_base(grad_ptr, row, gT, gstride_b, gstride_t)
+    cols = tl.arange(0, BLOCK_V)
+    out_ty = grad_ptr.dtype.element_ty
+    if label == ignore_index:
+        for start in range(0, V, BLOCK_V):
+            idx = start + cols
+            tl.store(gbase + idx, tl.zeros([BLOCK_V], tl.float32).to(out_ty), mask=idx < V)
+        return
+    m = tl.load(m_ptr + row)
+    log_s = tl.load(log_s_ptr + row)
+    h = tl.load(entropy_ptr + row)
+    g_lp = tl.load(glp_ptr + row).to(tl.float32) if HAS_LOGP_GRAD else 0.0
+    g_h = tl.load(gh_ptr + row).to(tl.float32) if HAS_ENTROPY_GRAD else 0.0
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        mask = idx < V
+        z = tl.load(base + idx, mask=mask, other=0.0).to(tl.float32) * inv_t
+        lp = (z - m) - log_s  # log p_j, no cancellation against a large lse
+        p = tl.exp(lp)
+        dz = tl.zeros([BLOCK_V], tl.float32)
+        if HAS_LOGP_GRAD:
+            dz += tl.where(idx == label, g_lp, 0.0) - g_lp * p
+        if HAS_ENTROPY_GRAD:
+            dz -= g_h * p * tl.where(p > 0, lp + h, 0.0)  # z_j - S = log p_j + H
+        tl.store(gbase + idx, (dz * inv_t).to(out_ty), mask=mask)
+
+
+# The interpreter pays ~1 ms per block iteration, so it gets big blocks (tests lower this to
+# exercise the multi-block online accumulation).
+INTERPRET_MAX_BLOCK = 16384
+
+
+def launch_config(vocab: int, element_size: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps): on GPU a block of 16 KiB of input per loop iteration."""
+    if INTERPRET:
+        return min(triton.next_power_of_2(vocab), INTERPRET_MAX_BLOCK), 1
+    block = min(triton.next_power_of_2(vocab), 16384 // element_size)
+    return block, 8 if block >= 2048 else 4
+
+
+def rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """View [..., V] as [B, T, V] rows without copying when the strides allow it.
+
+    Returns (tensor, T, stride_b, stride_t); the row r lives at (r // T) * stride_b +
+    (r % T) * stride_t. Handles [N, V], [B, T, V] and slices such as logits[:, :-1].
+    """
+    vocab = x.shape[-1]
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    n = x.numel() // vocab
+    try:
+        flat = x.view(n, vocab)
+        return flat, max(n, 1), 0, flat.stride(0)
+    except RuntimeError:
+        pass
+    try:
+        x3 = x.view(-1, x.shape[-2], vocab)
+        return x3, x3.shape[1], x3.stride(0), x3.stride(1)
+    except RuntimeError:
+        flat = x.contiguous().view(n, vocab)
+        return flat, max(n, 1), 0, flat.stride(0)
+
+
+def _register_op(name: str, mutates_args: tuple[str, ...], fake):
+    """Register ``fn`` as a torch.library op.
+
+    Real Triton: ``triton_op``, which torch.compile traces into (the kernels stay visible to
+    Inductor). Interpreter: an opaque ``custom_op`` with an explicit fake, because interpreted
+    kernels cannot run on FakeTensors.
+    """
+
+    def wrap(fn):
+        if INTERPRET:
+            op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, fn, mutates_args=mutates_args)
+
+    return wrap
+
+
+def _launch(kernel):
+    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
+
+
+def _fwd_fake(logits, labels, inv_temperature, ignore_index, inplace_grad):
+    return tuple(logits.new_empty(labels.shape, dtype=torch.float32) for _ in range(4))
+
+
+@_register_op("aepo::logprobs_entropy_fwd", mutates_args=(), fake=_fwd_fake)
+def logprobs_entropy_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    inv_temperature: float,
+    ignore_index: int,
+    inplace_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[..., V] logits, [...] int64 labels -> (logp, entropy, m, log_s), each [...] fp32.
+
+    (m, log_s) are the row max of logits / T and log sum exp(logits / T - m): what the
+    backward needs besides the entropy, kept apart so that it forms log p without cancellation.
+
+    ``inplace_grad`` only tells the registered backward to write dL/dlogits into ``logits``.
+    """
+    outs = tuple(_buffers.empty(labels.shape, torch.float32, logits.device) for _ in range(4))
+    n = labels.numel()
+    if n:
+        x, t, stride_b, stride_t = rows_view(logits)
+        block, warps = launch_config(logits.shape[-1], logits.element_size())
+        _launch(_logp_entropy_fwd_kernel)[(n,)](
+            x, labels.contiguous(), *outs, t, stride_b, stride_t, logits.shape[-1],
+            inv_temperature, ignore_index, BLOCK_V=block, num_warps=warps,
+        )  # fmt: skip
+    return outs
+
+
+def _bwd_fake(*args) -> None:
+    return None
+
+
+@_register_op("aepo::logprobs_entropy_bwd", mutates_args=("grad_logits",), fake=_bwd_fake)
+def logprobs_entropy_bwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    grad_logits: torch.Tensor,
+    inv_temperature: float,
+    ignore_index: int,
+) -> None:
+    """Write dL/dlogits into ``grad_logits`` ([..., V], may be ``logits`` itself).
+
+    ``grad_logp`` / ``grad_entropy`` are [...] upstream gradients, None for zero (the kernel
+    then skips that term at compile time). One read and one write of each row.
+    """
+    n = labels.numel()
+    if n == 0:
+        return
+    x, t, stride_b, stride_t = rows_view(logits)
+    g, gt, gstride_b, gstride_t = rows_view(grad_logits)
+    if g.data_ptr() != grad_logits.data_ptr():
+        raise ValueError("grad_logits must have rows addressable in place (last dim contiguous)")
+    glp = None if grad_logp is None else grad_logp.float().reshape(-1).contiguous()
+    gh = None if grad_entropy is None else grad_entropy.float().reshape(-1).contiguous()
+    block, warps = launch_config(logits.shape[-1], logits.element_size())
+    _launch(_logp_entropy_bwd_kernel)[(n,)](
+        x, g, labels.contiguous(), m, log_s, entropy,
+        m if glp is None else glp, m if gh is None else gh,
+        t, stride_b, stride_t, gt, gstride_b, gstride_t, logits.shape[-1],
+        inv_temperature, ignore_index,
+        HAS_LOGP_GRAD=glp is not None, HAS_ENTROPY_GRAD=gh is not None,
+        BLOCK_V=block, num_warps=warps,
+    )  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, labels, inv_temperature, ignore_index, inplace_grad = inputs
+    _, entropy, m, log_s = output
+    ctx.save_for_backward(logits, labels, m, log_s, entropy)
+    ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
+    ctx.inplace_grad = inplace_grad
+    ctx.mark_non_differentiable(m, log_s)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
+    logits, labels, m, log_s, entropy = ctx.saved_tensors
+    if grad_logp is None and grad_entropy is None:
+        return None, None, None, None, None
+    grad = logits.detach() if ctx.inplace_grad else _buffers.empty_like(logits)
+    logprobs_entropy_bwd(
+        logits, labels, m, log_s, entropy, grad_logp, grad_entropy, grad,
+        ctx.inv_temperature, ctx.ignore_index,
+    )  # fmt: skip
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(
+    "aepo::logprobs_entropy_fwd", _backward, setup_context=_setup_context
+)

@@ -1,0 +1,32 @@
+"""Shared test helpers: the fp64 tolerance rule (STYLE.md) and input makers."""
+
+from __future__ import annotations
+
+import torch
+
+
+def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return (x.detach().double() - ref.detach().double()).abs().max().item() if ref.numel() else 0.0
+
+
+def assert_within_rule(
+    name: str, ours: torch.Tensor, plain: torch.Tensor, ref: torch.Tensor, out_dtype
+) -> None:
+    """Our error vs the fp64 reference is at most 2x plain torch's error in the same input
+    dtype, plus a floor of a few ulps of our output dtype at the reference's magnitude."""
+    assert not torch.isnan(ours).any(), f"{name}: NaN in output (unwritten or invalid)"
+    err, base = max_err(ours, ref), max_err(plain, ref)
+    scale = max(1.0, ref.abs().max().item()) if ref.numel() else 1.0
+    floor = 4 * torch.finfo(out_dtype).eps * scale
+    assert err <= 2 * base + floor, (
+        f"{name}: error {err:.3g} > 2 x plain-torch error {base:.3g} + floor {floor:.3g}"
+    )
+
+
+def make_labels(shape, vocab: int, generator: torch.Generator, ignore_every: int = 5):
+    """Random labels with every ``ignore_every``-th row set to -100."""
+    labels = torch.randint(0, vocab, shape, generator=generator)
+    flat = labels.view(-1)
+    if flat.numel() > 1:
+        flat[::ignore_every] = -100
+    return labels

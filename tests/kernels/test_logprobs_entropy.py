@@ -1,0 +1,155 @@
+"""Forward and backward of both backends against the float64 autograd reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from aepo.kernels import logprob_entropy, logprobs_and_entropy, naive_logprobs_and_entropy
+from tests.helpers import assert_within_rule, make_labels
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# (name, leading shape, V, slice the time dim, interpreter block cap)
+SHAPES = [
+    ("N1-V1", (1,), 1, False, None),
+    ("N1-V17", (1,), 17, False, None),
+    ("N37-V1000", (37,), 1000, False, None),
+    ("N9-V3000-blocks", (9,), 3000, False, 1024),  # 3 blocks, ragged last block
+    ("B3-T6-V515-sliced", (3, 6), 515, True, 128),  # logits[:, :-1]: strided rows, 5 blocks
+]
+
+
+def _inputs(lead, vocab, sliced, dtype, scale, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    full = torch.randn(*lead, vocab, generator=gen) * scale
+    logits = full[:, :-1] if sliced else full
+    labels = make_labels(logits.shape[:-1], vocab, gen)
+    return logits.to(dtype), labels, gen
+
+
+def _fwd_bwd(fn, logits, labels, g_lp, g_h, **kw):
+    x = logits.detach().clone().requires_grad_()
+    if x.dim() == 3:  # keep the strided [B, T-1, V] layout of a sliced input
+        x = logits.detach().clone()
+        x = torch.cat([x, x[:, :1]], dim=1)[:, :-1].detach().requires_grad_()
+    logp, ent = fn(x, labels, **kw)
+    (grad,) = torch.autograd.grad((logp * g_lp.to(logp.dtype) + ent * g_h.to(ent.dtype)).sum(), x)
+    return logp, ent, grad
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[s[0] for s in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 1.3], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("scale", [1.0, 30.0], ids=lambda s: f"x{s:g}")
+def test_matches_fp64_reference(backend, shape, dtype, temperature, scale, monkeypatch):
+    _, lead, vocab, sliced, block_cap = shape
+    if block_cap is not None:
+        monkeypatch.setattr(logprob_entropy, "INTERPRET_MAX_BLOCK", block_cap)
+    logits, labels, gen = _inputs(lead, vocab, sliced, DTYPES[dtype], scale)
+    g_lp = torch.randn(labels.shape, generator=gen)
+    g_h = torch.randn(labels.shape, generator=gen)
+
+    ours = _fwd_bwd(
+        logprobs_and_entropy, logits, labels, g_lp, g_h, temperature=temperature, backend=backend
+    )
+    plain = _fwd_bwd(naive_logprobs_and_entropy, logits, labels, g_lp, g_h, temperature=temperature)
+    ref = _fwd_bwd(
+        naive_logprobs_and_entropy, logits.double(), labels, g_lp, g_h, temperature=temperature
+    )
+    assert ours[0].dtype == ours[1].dtype == torch.float32
+    assert ours[2].dtype == logits.dtype and ours[2].shape == logits.shape
+    for name, o, p, r, out_dtype in zip(
+        ("logp", "entropy", "grad"), ours, plain, ref, (torch.float32,) * 2 + (logits.dtype,)
+    ):
+        assert_within_rule(f"{backend} {name}", o, p, r, out_dtype)
+    ignored = labels == -100
+    assert (ours[0][ignored] == 0).all() and (ours[1][ignored] == 0).all()
+    assert (ours[2][ignored] == 0).all(), "ignored rows must get exactly zero gradient"
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("used", ["logp", "entropy"])
+def test_single_output_gradient(backend, used):
+    """Only one output in the loss: the other upstream gradient is None inside the backward."""
+    logits, labels, _ = _inputs((11,), 300, False, torch.float32, 3.0)
+    x, xd = logits.clone().requires_grad_(), logits.double().requires_grad_()
+    out = dict(zip(("logp", "entropy"), logprobs_and_entropy(x, labels, backend=backend)))
+    ref = dict(zip(("logp", "entropy"), naive_logprobs_and_entropy(xd, labels)))
+    (g,) = torch.autograd.grad(out[used].sum(), x)
+    (rg,) = torch.autograd.grad(ref[used].sum(), xd)
+    torch.testing.assert_close(g.double(), rg, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_masked_vocabulary_minus_inf(backend):
+    """-inf logits (banned tokens) have p = 0: finite outputs equal to the unmasked sub-problem."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 200, generator=gen)
+    logits[:, 50:] = float("-inf")
+    labels = torch.randint(0, 50, (6,), generator=gen)
+    x = logits.clone().requires_grad_()
+    logp, ent = logprobs_and_entropy(x, labels, backend=backend)
+    (g,) = torch.autograd.grad((logp + ent).sum(), x)
+    sub = logits[:, :50].double().requires_grad_()
+    rlp, rent = naive_logprobs_and_entropy(sub, labels)
+    (rg,) = torch.autograd.grad((rlp + rent).sum(), sub)
+    torch.testing.assert_close(logp.double(), rlp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent.double(), rent, rtol=0, atol=1e-5)
+    torch.testing.assert_close(g[:, :50].double(), rg, rtol=0, atol=1e-6)
+    assert (g[:, 50:] == 0).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ignored_rows_with_garbage_logits_get_zero(backend):
+    """Masked rows are skipped: inf/NaN there neither leaks into outputs nor gradients."""
+    logits, labels, _ = _inputs((10,), 64, False, torch.float32, 1.0)
+    labels[3] = -100
+    logits[3] = float("nan")
+    logits[3, 0] = float("inf")
+    x = logits.clone().requires_grad_()
+    logp, ent = logprobs_and_entropy(x, labels, backend=backend)
+    (g,) = torch.autograd.grad((logp * 2 + ent).sum(), x)
+    assert logp[3] == 0 and ent[3] == 0 and (g[3] == 0).all()
+    assert torch.isfinite(g).all() and torch.isfinite(logp).all()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+def test_inplace_grad_writes_into_logits(backend, dtype):
+    logits, labels, gen = _inputs((13,), 700, False, DTYPES[dtype], 2.0)
+    g_lp, g_h = torch.randn(13, generator=gen), torch.randn(13, generator=gen)
+    leaf = logits.clone().requires_grad_()
+    expected = _fwd_bwd(logprobs_and_entropy, logits, labels, g_lp, g_h, backend=backend)[2]
+
+    x = leaf * 1  # a non-leaf, like an lm_head output
+    storage = x.data_ptr()
+    logp, ent = logprobs_and_entropy(x, labels, backend=backend, inplace_grad=True)
+    (g,) = torch.autograd.grad((logp * g_lp + ent * g_h).sum(), leaf)
+    assert x.data_ptr() == storage
+    torch.testing.assert_close(x.detach(), expected, rtol=0, atol=0)  # x now holds the gradient
+    torch.testing.assert_close(g, expected, rtol=0, atol=0)
+
+
+def test_inplace_grad_refuses_leaf():
+    logits = torch.randn(2, 5, requires_grad=True)
+    with pytest.raises(ValueError, match="leaf"):
+        logprobs_and_entropy(logits, torch.zeros(2, dtype=torch.long), inplace_grad=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch(backend):
+    x = torch.randn(0, 7, 32, requires_grad=True)
+    logp, ent = logprobs_and_entropy(x, torch.zeros(0, 7, dtype=torch.long), backend=backend)
+    assert logp.shape == ent.shape == (0, 7)
+    (g,) = torch.autograd.grad((logp + ent).sum(), x, allow_unused=True)
+    assert g is None or g.shape == x.shape
+
+
+def test_backends_agree_on_auto_choice():
+    from aepo.kernels import resolve_backend
+
+    cpu = torch.zeros(2, 3)
+    expect = "triton" if logprob_entropy.INTERPRET else "torch"
+    assert resolve_backend("auto", cpu) == expect
+    assert resolve_backend("auto", cpu.double()) == "torch"
