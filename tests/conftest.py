@@ -8,9 +8,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-from aepo.kernels import _buffers  # noqa: E402
+from aepo.kernels import _buffers
 
 
 @pytest.fixture(autouse=True)

@@ -45,8 +45,7 @@ def check_logits_labels(
         )
     if labels.device != logits.device:
         raise ValueError(
-            f"logits and labels must be on the same device, got {logits.device} and "
-            f"{labels.device}"
+            f"logits and labels must be on the same device, got {logits.device} and {labels.device}"
         )
     labels = labels.long()
     if check_range and labels.numel() and not torch.compiler.is_compiling():

@@ -65,9 +65,8 @@ def logprobs_and_entropy(
         respect to ``logits``. Entropy is -sum_j p_j log p_j of softmax(logits / temperature).
 
     Memory: forward saves 2 floats per row (max, log-sum-exp offset) besides its outputs;
-    backward allocates one [..., V] gradient
-    in the logits dtype (none with ``inplace_grad``); the torch backend adds a few
-    [chunk, V] fp32 buffers of about 4 MiB each.
+    backward allocates one [..., V] gradient in the logits dtype (none with
+    ``inplace_grad``); the torch backend adds a few [chunk, V] fp32 buffers of ~4 MiB each.
     """
     inv_temperature = check_temperature(temperature)
     labels = check_logits_labels(logits, labels, ignore_index)

@@ -2,7 +2,8 @@
 
 Runs the reference row math (:mod:`aepo.kernels.reference`) over blocks of rows so that the
 extra memory stays at a few [chunk, V] fp32 buffers plus the gradient: never an fp32 copy of
-the whole [N, V] logits. Saves only (m, log s) per row, plus the entropy it returns, for the backward.
+the whole [N, V] logits. Saves only (m, log s) per row, plus the entropy it returns, for
+the backward.
 """
 
 from __future__ import annotations

@@ -60,7 +60,12 @@ def test_matches_fp64_reference(backend, shape, dtype, temperature, scale, monke
     assert ours[0].dtype == ours[1].dtype == torch.float32
     assert ours[2].dtype == logits.dtype and ours[2].shape == logits.shape
     for name, o, p, r, out_dtype in zip(
-        ("logp", "entropy", "grad"), ours, plain, ref, (torch.float32,) * 2 + (logits.dtype,)
+        ("logp", "entropy", "grad"),
+        ours,
+        plain,
+        ref,
+        (torch.float32,) * 2 + (logits.dtype,),
+        strict=True,
     ):
         assert_within_rule(f"{backend} {name}", o, p, r, out_dtype)
     ignored = labels == -100
@@ -74,8 +79,10 @@ def test_single_output_gradient(backend, used):
     """Only one output in the loss: the other upstream gradient is None inside the backward."""
     logits, labels, _ = _inputs((11,), 300, False, torch.float32, 3.0)
     x, xd = logits.clone().requires_grad_(), logits.double().requires_grad_()
-    out = dict(zip(("logp", "entropy"), logprobs_and_entropy(x, labels, backend=backend)))
-    ref = dict(zip(("logp", "entropy"), naive_logprobs_and_entropy(xd, labels)))
+    out = dict(
+        zip(("logp", "entropy"), logprobs_and_entropy(x, labels, backend=backend), strict=True)
+    )
+    ref = dict(zip(("logp", "entropy"), naive_logprobs_and_entropy(xd, labels), strict=True))
     (g,) = torch.autograd.grad(out[used].sum(), x)
     (rg,) = torch.autograd.grad(ref[used].sum(), xd)
     torch.testing.assert_close(g.double(), rg, rtol=0, atol=1e-6)
