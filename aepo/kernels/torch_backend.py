@@ -24,19 +24,55 @@ def chunk_rows(vocab: int, dtype: torch.dtype) -> int:
     return max(1, CHUNK_BYTES // (vocab * elt))
 
 
+def chunked_forward(
+    logits2d: torch.Tensor, labels1d: torch.Tensor, inv_temperature: float, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, V] logits, [N] labels -> (logp, entropy, m, log_s), each [N] (no autograd)."""
+    n, vocab = logits2d.shape
+    acc = accumulator_dtype(logits2d.dtype)
+    outs = [_buffers.empty((n,), acc, logits2d.device) for _ in range(4)]
+    step = chunk_rows(vocab, logits2d.dtype)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        stats = forward_rows(logits2d[rows], labels1d[rows], inv_temperature, ignore_index)
+        for out, value in zip(outs, stats, strict=True):
+            out[rows] = value
+    return tuple(outs)
+
+
+def chunked_backward(
+    logits2d: torch.Tensor,
+    labels1d: torch.Tensor,
+    m: torch.Tensor,
+    log_s: torch.Tensor,
+    entropy: torch.Tensor,
+    grad_logp: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    grad_out: torch.Tensor,
+    inv_temperature: float,
+    ignore_index: int,
+) -> None:
+    """Write dL/dlogits [N, V] into ``grad_out`` (may be ``logits2d``), chunk by chunk."""
+    step = chunk_rows(logits2d.shape[1], logits2d.dtype)
+    for start in range(0, logits2d.shape[0], step):
+        rows = slice(start, start + step)
+        grad_out[rows] = backward_rows(
+            logits2d[rows],
+            labels1d[rows],
+            m[rows],
+            log_s[rows],
+            entropy[rows],
+            None if grad_logp is None else grad_logp[rows],
+            None if grad_entropy is None else grad_entropy[rows],
+            inv_temperature,
+            ignore_index,
+        )
+
+
 class _ChunkedLogpEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels1d, inv_temperature, ignore_index, inplace_grad):
-        n, vocab = logits2d.shape
-        acc = accumulator_dtype(logits2d.dtype)
-        outs = [_buffers.empty((n,), acc, logits2d.device) for _ in range(4)]
-        step = chunk_rows(vocab, logits2d.dtype)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            stats = forward_rows(logits2d[rows], labels1d[rows], inv_temperature, ignore_index)
-            for out, value in zip(outs, stats, strict=True):
-                out[rows] = value
-        logp, entropy, m, log_s = outs
+        logp, entropy, m, log_s = chunked_forward(logits2d, labels1d, inv_temperature, ignore_index)
         ctx.save_for_backward(logits2d, labels1d, m, log_s, entropy)
         ctx.inv_temperature = inv_temperature
         ctx.ignore_index = ignore_index
@@ -49,22 +85,11 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None
         logits2d, labels1d, m, log_s, entropy = ctx.saved_tensors
-        n, vocab = logits2d.shape
         grad = logits2d.detach() if ctx.inplace_grad else _buffers.empty_like(logits2d)
-        step = chunk_rows(vocab, logits2d.dtype)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            grad[rows] = backward_rows(
-                logits2d[rows],
-                labels1d[rows],
-                m[rows],
-                log_s[rows],
-                entropy[rows],
-                None if grad_logp is None else grad_logp[rows],
-                None if grad_entropy is None else grad_entropy[rows],
-                ctx.inv_temperature,
-                ctx.ignore_index,
-            )
+        chunked_backward(
+            logits2d, labels1d, m, log_s, entropy, grad_logp, grad_entropy, grad,
+            ctx.inv_temperature, ctx.ignore_index,
+        )  # fmt: skip
         return grad, None, None, None, None
 
 
