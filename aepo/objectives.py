@@ -54,9 +54,9 @@ def group_advantages(
         )
     if group_ids.is_floating_point():
         raise TypeError(f"group_ids must be integers, got dtype {group_ids.dtype}")
-    _, inverse = torch.unique(group_ids, return_inverse=True)
+    uniq, inverse = torch.unique(group_ids, return_inverse=True)
     r = rewards.to(torch.float64)
-    n_groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    n_groups = uniq.numel()
     count = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add_(
         0, inverse, torch.ones_like(r)
     )
@@ -116,8 +116,8 @@ def _group_entropy_statistics(h, w, group_ids):
             f"norm='group' needs group_ids of shape {tuple(h.shape[:-1])} (one per sequence), "
             f"got {None if group_ids is None else tuple(group_ids.shape)}"
         )
-    _, inv = torch.unique(group_ids.reshape(-1), return_inverse=True)
-    n = int(inv.max()) + 1
+    uniq, inv = torch.unique(group_ids.reshape(-1), return_inverse=True)
+    n = uniq.numel()
     seq_sum = (h * w).sum(-1).reshape(-1)
     seq_cnt = w.sum(-1).reshape(-1)
     g_sum = torch.zeros(n, dtype=h.dtype, device=h.device).index_add_(0, inv, seq_sum)
