@@ -1,0 +1,5 @@
+"""Tools the policy calls between generation segments: ``tool(text) -> ToolOutput``."""
+
+from aepo.rollout.tools.base import Tool, ToolOutput
+
+__all__ = ["Tool", "ToolOutput"]
