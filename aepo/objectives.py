@@ -90,8 +90,8 @@ def entropy_statistics(
         "group". std is 1 where it is 0 or fewer than two tokens are selected.
     """
     _choice("entropy normalisation", norm, ENTROPY_NORMS)
-    h = entropy.detach().to(torch.float64)
     w = mask.to(torch.float64)
+    h = torch.where(mask.bool(), entropy.detach().to(torch.float64), 0.0)  # garbage-proof
     if norm == "group":
         return _group_entropy_statistics(h, w, group_ids)
     reduce = norm == "batch" and process_group is not None and dist.is_initialized()
@@ -245,7 +245,7 @@ def aggregate(
 
 
 def _masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (x.detach() * w).sum() / w.sum().clamp(min=1)
+    return torch.where(w > 0, x.detach() * w, 0.0).sum() / w.sum().clamp(min=1)
 
 
 def loss_metrics(
@@ -351,6 +351,7 @@ def policy_loss(
     old_logp = torch.where(keep, old_logp, logp.detach())
     adv = torch.where(keep, advantages.to(logp.dtype), 0.0)
     ref_logp = None if ref_logp is None else torch.where(keep, ref_logp, logp.detach())
+    entropy = None if entropy is None else torch.where(keep, entropy, 0.0)
     if objective == "aepo" and entropy_adv_coef != 0 and entropy is not None:
         adv = entropy_aware_advantages(
             adv, entropy, mask, coef=entropy_adv_coef, norm=entropy_adv_norm,

@@ -157,6 +157,19 @@ def test_all_zero_mask_gives_zero_loss_and_gradient(agg):
     assert all(torch.isfinite(v) for v in metrics.values())
 
 
+def test_garbage_entropy_at_masked_positions_is_ignored():
+    nan, mask = float("nan"), torch.tensor([[1.0, 1.0, 0.0]])
+    ent = torch.tensor([[1.0, 2.0, nan]])
+    mean, std = entropy_statistics(ent, mask)
+    assert mean.item() == 1.5 and math.isclose(std.item(), math.sqrt(0.5))
+    x = torch.zeros(1, 3, requires_grad=True)
+    loss, metrics = policy_loss(x, torch.zeros(1, 3), torch.ones(1, 3), mask, entropy=ent,
+                                entropy_coef=0.1)  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad[0, 2] == 0
+    assert metrics["entropy"].item() == 1.5
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
                                  "constant"])  # fmt: skip
 def test_gradient_accumulation_with_shared_normalizer(agg):
