@@ -1,5 +1,9 @@
-"""Tools the policy calls between generation segments: ``tool(text) -> ToolOutput``."""
+"""Tools the policy calls between generation segments: ``tool(text) -> ToolOutput``.
+
+``PythonTool`` lives in :mod:`aepo.rollout.tools.python_tool` (OS sandbox).
+"""
 
 from aepo.rollout.tools.base import Tool, ToolOutput
+from aepo.rollout.tools.search import Document, HTTPSearchTool, SearchTool
 
-__all__ = ["Tool", "ToolOutput"]
+__all__ = ["Document", "HTTPSearchTool", "SearchTool", "Tool", "ToolOutput"]
