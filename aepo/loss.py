@@ -64,9 +64,17 @@ class AEPOLoss(nn.Module):
     def forward(self, logits, labels, old_logp, advantages, mask, **extra):
         c = self.config
         return fused_policy_loss(
-            logits, labels, old_logp, advantages, mask, temperature=c.temperature,
-            backend=c.backend, inplace_grad=c.inplace_grad, **c.policy_loss_kwargs(), **extra,
-        )  # fmt: skip
+            logits,
+            labels,
+            old_logp,
+            advantages,
+            mask,
+            temperature=c.temperature,
+            backend=c.backend,
+            inplace_grad=c.inplace_grad,
+            **c.policy_loss_kwargs(),
+            **extra,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.config).items())

@@ -154,9 +154,13 @@ def entropy_aware_advantages(
     _same_shape(advantages=advantages, entropy=entropy, mask=mask)
     if coef == 0:
         return advantages
-    mean, std = stats if stats is not None else entropy_statistics(
-        entropy, mask, norm=norm, process_group=process_group, group_ids=group_ids
-    )  # fmt: skip
+    mean, std = (
+        stats
+        if stats is not None
+        else entropy_statistics(
+            entropy, mask, norm=norm, process_group=process_group, group_ids=group_ids
+        )
+    )
     z = (entropy.detach().to(torch.float64) - mean) / std
     return (advantages * (1 + coef * z)).to(advantages.dtype)
 
@@ -280,8 +284,9 @@ def loss_metrics(
     return out
 
 
-def _check_policy_args(objective, agg, eps_low, eps_high, clip_ratio_c, entropy, entropy_coef,
-                       ref_logp, kl_coef) -> None:  # fmt: skip
+def _check_policy_args(
+    objective, agg, eps_low, eps_high, clip_ratio_c, entropy, entropy_coef, ref_logp, kl_coef
+) -> None:
     _choice("objective", objective, OBJECTIVES)
     _choice("aggregation", agg, AGGREGATIONS)
     if not 0 <= eps_low < 1 or eps_high < 0:
@@ -341,10 +346,17 @@ def policy_loss(
         (loss scalar, metrics dict of detached scalars).
     """
     eps_high = DEFAULT_EPS_HIGH.get(objective, 0.2) if eps_high is None else eps_high
-    _check_policy_args(objective, agg, eps_low, eps_high, clip_ratio_c, entropy, entropy_coef,
-                       ref_logp, kl_coef)  # fmt: skip
-    _same_shape(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask,
-                entropy=entropy, ref_logp=ref_logp)  # fmt: skip
+    _check_policy_args(
+        objective, agg, eps_low, eps_high, clip_ratio_c, entropy, entropy_coef, ref_logp, kl_coef
+    )
+    _same_shape(
+        logp=logp,
+        old_logp=old_logp,
+        advantages=advantages,
+        mask=mask,
+        entropy=entropy,
+        ref_logp=ref_logp,
+    )
     # Masked positions may hold anything (padding with -inf old log-probs): neutralise them so
     # that every intermediate stays finite and their gradient is exactly 0.
     keep = mask.bool()
@@ -354,19 +366,41 @@ def policy_loss(
     entropy = None if entropy is None else torch.where(keep, entropy, 0.0)
     if objective == "aepo" and entropy_adv_coef != 0 and entropy is not None:
         adv = entropy_aware_advantages(
-            adv, entropy, mask, coef=entropy_adv_coef, norm=entropy_adv_norm,
-            process_group=process_group, group_ids=group_ids, stats=entropy_stats,
-        )  # fmt: skip
+            adv,
+            entropy,
+            mask,
+            coef=entropy_adv_coef,
+            norm=entropy_adv_norm,
+            process_group=process_group,
+            group_ids=group_ids,
+            stats=entropy_stats,
+        )
     dual = None if objective == "cispo" else clip_ratio_c
     loss_t, ratio = per_token_policy_loss(
-        logp, old_logp, adv, objective=objective, eps_low=eps_low, eps_high=eps_high,
-        clip_ratio_c=dual, gppo_beta_low=gppo_beta_low, gppo_beta_high=gppo_beta_high,
-    )  # fmt: skip
+        logp,
+        old_logp,
+        adv,
+        objective=objective,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        clip_ratio_c=dual,
+        gppo_beta_low=gppo_beta_low,
+        gppo_beta_high=gppo_beta_high,
+    )
     if entropy_coef != 0:
         loss_t = loss_t - entropy_coef * entropy
-    metrics = loss_metrics(ratio, adv, logp, old_logp, mask, objective=objective,
-                           eps_low=eps_low, eps_high=eps_high, clip_ratio_c=dual,
-                           entropy=entropy)  # fmt: skip
+    metrics = loss_metrics(
+        ratio,
+        adv,
+        logp,
+        old_logp,
+        mask,
+        objective=objective,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        clip_ratio_c=dual,
+        entropy=entropy,
+    )
     if kl_coef != 0:
         delta = ref_logp - logp
         kl = torch.expm1(delta) - delta  # k3: exp(ref - logp) - (ref - logp) - 1

@@ -186,8 +186,11 @@ def render(report: dict) -> str:
         )
     if "floors" in report:
         fl = report["floors"]
-        lines += ["", f"copy bandwidth {fl['copy_bandwidth_GBps']:.0f} GB/s; floors: fwd "
-                  f"{fl['fwd_floor_ms']:.3f} ms, bwd {fl['bwd_floor_ms']:.3f} ms"]  # fmt: skip
+        lines += [
+            "",
+            f"copy bandwidth {fl['copy_bandwidth_GBps']:.0f} GB/s; floors: fwd "
+            f"{fl['fwd_floor_ms']:.3f} ms, bwd {fl['bwd_floor_ms']:.3f} ms",
+        ]
         for name in ("aepo triton", "aepo triton inplace"):
             r = rows[name]
             lines.append(

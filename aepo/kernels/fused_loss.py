@@ -30,14 +30,16 @@ def forward_stats(logits, labels, inv_temperature, ignore_index, backend):
     return tuple(t.view(labels.shape) for t in stats)
 
 
-def backward_logits(logits, labels, stats, g_lp, g_h, inv_temperature, ignore_index, backend,
-                    inplace_grad) -> torch.Tensor:  # fmt: skip
+def backward_logits(
+    logits, labels, stats, g_lp, g_h, inv_temperature, ignore_index, backend, inplace_grad
+) -> torch.Tensor:
     """dL/dlogits shaped like ``logits`` from per-token upstream gradients (None = zero)."""
     _, entropy, m, log_s = stats
     if backend == "triton":
         grad = logits.detach() if inplace_grad else _buffers.empty_like(logits)
-        logprobs_entropy_bwd(logits, labels, m, log_s, entropy, g_lp, g_h, grad,
-                             inv_temperature, ignore_index)  # fmt: skip
+        logprobs_entropy_bwd(
+            logits, labels, m, log_s, entropy, g_lp, g_h, grad, inv_temperature, ignore_index
+        )
         return grad
     vocab = logits.shape[-1]
     x = logits.detach().reshape(-1, vocab)  # a view, or a private copy of an odd layout
@@ -52,8 +54,9 @@ class _AttachGradient(torch.autograd.Function):
     the incoming dL and runs the fused backward over the logits."""
 
     @staticmethod
-    def forward(ctx, logits, loss, labels, stats, g_lp, g_h, inv_t, ignore_index, backend,
-                inplace_grad):  # fmt: skip
+    def forward(
+        ctx, logits, loss, labels, stats, g_lp, g_h, inv_t, ignore_index, backend, inplace_grad
+    ):
         ctx.save_for_backward(logits, labels, *stats, g_lp, g_h)
         ctx.args = (inv_t, ignore_index, backend, inplace_grad)
         return loss.detach().clone()
@@ -118,7 +121,15 @@ def fused_policy_loss(
     grads = torch.autograd.grad(loss, wrt)
     g_h = grads[1] if needs_h else None
     loss = _AttachGradient.apply(
-        logits, loss.detach(), labels, stats, grads[0], g_h, inv_t, ignore_index, backend,
+        logits,
+        loss.detach(),
+        labels,
+        stats,
+        grads[0],
+        g_h,
+        inv_t,
+        ignore_index,
+        backend,
         inplace_grad,
-    )  # fmt: skip
+    )
     return loss, metrics

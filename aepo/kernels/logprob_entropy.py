@@ -217,9 +217,18 @@ def logprobs_entropy_fwd(
         x, t, stride_b, stride_t = rows_view(logits)
         block, warps = launch_config(logits.shape[-1], logits.element_size())
         _launch(_logp_entropy_fwd_kernel)[(n,)](
-            x, labels.contiguous(), *outs, t, stride_b, stride_t, logits.shape[-1],
-            inv_temperature, ignore_index, BLOCK_V=block, num_warps=warps,
-        )  # fmt: skip
+            x,
+            labels.contiguous(),
+            *outs,
+            t,
+            stride_b,
+            stride_t,
+            logits.shape[-1],
+            inv_temperature,
+            ignore_index,
+            BLOCK_V=block,
+            num_warps=warps,
+        )
     return outs
 
 
@@ -256,13 +265,28 @@ def logprobs_entropy_bwd(
     gh = None if grad_entropy is None else grad_entropy.float().reshape(-1).contiguous()
     block, warps = launch_config(logits.shape[-1], logits.element_size())
     _launch(_logp_entropy_bwd_kernel)[(n,)](
-        x, g, labels.contiguous(), m, log_s, entropy,
-        m if glp is None else glp, m if gh is None else gh,
-        t, stride_b, stride_t, gt, gstride_b, gstride_t, logits.shape[-1],
-        inv_temperature, ignore_index,
-        HAS_LOGP_GRAD=glp is not None, HAS_ENTROPY_GRAD=gh is not None,
-        BLOCK_V=block, num_warps=warps,
-    )  # fmt: skip
+        x,
+        g,
+        labels.contiguous(),
+        m,
+        log_s,
+        entropy,
+        m if glp is None else glp,
+        m if gh is None else gh,
+        t,
+        stride_b,
+        stride_t,
+        gt,
+        gstride_b,
+        gstride_t,
+        logits.shape[-1],
+        inv_temperature,
+        ignore_index,
+        HAS_LOGP_GRAD=glp is not None,
+        HAS_ENTROPY_GRAD=gh is not None,
+        BLOCK_V=block,
+        num_warps=warps,
+    )
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -281,9 +305,17 @@ def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
         return None, None, None, None, None
     grad = logits.detach() if ctx.inplace_grad else _buffers.empty_like(logits)
     logprobs_entropy_bwd(
-        logits, labels, m, log_s, entropy, grad_logp, grad_entropy, grad,
-        ctx.inv_temperature, ctx.ignore_index,
-    )  # fmt: skip
+        logits,
+        labels,
+        m,
+        log_s,
+        entropy,
+        grad_logp,
+        grad_entropy,
+        grad,
+        ctx.inv_temperature,
+        ctx.ignore_index,
+    )
     return grad, None, None, None, None
 
 

@@ -87,9 +87,17 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
         logits2d, labels1d, m, log_s, entropy = ctx.saved_tensors
         grad = logits2d.detach() if ctx.inplace_grad else _buffers.empty_like(logits2d)
         chunked_backward(
-            logits2d, labels1d, m, log_s, entropy, grad_logp, grad_entropy, grad,
-            ctx.inv_temperature, ctx.ignore_index,
-        )  # fmt: skip
+            logits2d,
+            labels1d,
+            m,
+            log_s,
+            entropy,
+            grad_logp,
+            grad_entropy,
+            grad,
+            ctx.inv_temperature,
+            ctx.ignore_index,
+        )
         return grad, None, None, None, None
 
 

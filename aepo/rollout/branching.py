@@ -160,9 +160,19 @@ class PromptPlanner:
             children = tuple(self._new_paths(c.z))
             reason = "draw" if children else "no budget"
         decision = BranchDecision(
-            self.prompt, path, tool_step, h_seg, h_root, dh, consecutive, p, u,
-            bool(children), children, reason,
-        )  # fmt: skip
+            self.prompt,
+            path,
+            tool_step,
+            h_seg,
+            h_root,
+            dh,
+            consecutive,
+            p,
+            u,
+            bool(children),
+            children,
+            reason,
+        )
         self.decisions.append(decision)
         return decision
 

@@ -66,10 +66,22 @@ class TreeRollout:
     def run(self, prompts: Sequence[list[int]], step: int = 0, group_offset: int = 0):
         c, t0 = self.config, time.perf_counter()
         planners = [PromptPlanner(c.branch, i, c.seed, step) for i in range(len(prompts))]
-        paths = [Trajectory(i, group_offset + i, pid, list(p)) for i, p in enumerate(prompts)
-                 for pid in planners[i].start()]  # fmt: skip
-        stats = dict.fromkeys(("rounds", "requests", "context_tokens", "cached_tokens",
-                               "generated_tokens", "tool_calls"), 0.0)  # fmt: skip
+        paths = [
+            Trajectory(i, group_offset + i, pid, list(p))
+            for i, p in enumerate(prompts)
+            for pid in planners[i].start()
+        ]
+        stats = dict.fromkeys(
+            (
+                "rounds",
+                "requests",
+                "context_tokens",
+                "cached_tokens",
+                "generated_tokens",
+                "tool_calls",
+            ),
+            0.0,
+        )
         with ThreadPoolExecutor(c.tool_workers) as pool:
             while True:
                 active = [t for t in paths if not t.finished]
@@ -148,8 +160,18 @@ class TreeRollout:
         ]
         start = len(t.response_ids)
         t.add_inserted(self._open + ids + self._close)
-        t.tool_calls.append(ToolCall(tool, query, self.tokenizer.decode(ids), out.ok, out.error,
-                                     start, len(t.response_ids), out.elapsed_s))  # fmt: skip
+        t.tool_calls.append(
+            ToolCall(
+                tool,
+                query,
+                self.tokenizer.decode(ids),
+                out.ok,
+                out.error,
+                start,
+                len(t.response_ids),
+                out.elapsed_s,
+            )
+        )
         if len(t.response_ids) >= self.config.max_response_tokens:
             self._finish(t, "length")
 
@@ -177,8 +199,10 @@ class TreeRollout:
                     new += self._decide(planner, probe, seg)
         if not any(not t.finished for t in mine + new) and planner.budget_left:
             root = mine[0]
-            new += [Trajectory(prompt, root.group, pid, list(root.prompt_ids))
-                    for pid in planner.refill()]  # fmt: skip
+            new += [
+                Trajectory(prompt, root.group, pid, list(root.prompt_ids))
+                for pid in planner.refill()
+            ]
         return new
 
 

@@ -43,8 +43,9 @@ def _unfused(logits, labels, mask, old, adv, backend, temperature, **kw):
 
 def _fused(logits, labels, mask, old, adv, backend, temperature, **kw):
     base, view = _leaf(logits)
-    loss, metrics = fused_policy_loss(view(base), labels, old, adv, mask, backend=backend,
-                                      temperature=temperature, **kw)  # fmt: skip
+    loss, metrics = fused_policy_loss(
+        view(base), labels, old, adv, mask, backend=backend, temperature=temperature, **kw
+    )
     loss.backward()
     return loss, metrics, base.grad[:, :-1]
 
@@ -109,9 +110,19 @@ def test_module_wraps_fused_loss():
     module = AEPOLoss(cfg, entropy_coef=0.02)
     assert module.config.entropy_coef == 0.02 and "dapo" in repr(module)
     got = module(logits, labels, old, adv, mask, ref_logp=ref)[0]
-    want = fused_policy_loss(logits, labels, old, adv, mask, objective="dapo", kl_coef=0.1,
-                             temperature=0.9, backend="torch", entropy_coef=0.02,
-                             ref_logp=ref)[0]  # fmt: skip
+    want = fused_policy_loss(
+        logits,
+        labels,
+        old,
+        adv,
+        mask,
+        objective="dapo",
+        kl_coef=0.1,
+        temperature=0.9,
+        backend="torch",
+        entropy_coef=0.02,
+        ref_logp=ref,
+    )[0]
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="objective='trpo' is not one of: aepo"):
         PolicyLossConfig(objective="trpo")

@@ -33,19 +33,31 @@ def _batch() -> dict[str, torch.Tensor]:
 def _loss_and_grad(x: dict[str, torch.Tensor], group) -> tuple[torch.Tensor, torch.Tensor]:
     logp = x["logp"].clone().requires_grad_()
     loss, _ = policy_loss(
-        logp, x["old_logp"], x["adv"], x["mask"], objective="aepo", entropy=x["entropy"],
-        entropy_adv_coef=COEF, entropy_adv_norm="batch", clip_ratio_c=3.0, agg="token-mean",
-        normalizer=_batch()["mask"].sum(), process_group=group,
-    )  # fmt: skip
+        logp,
+        x["old_logp"],
+        x["adv"],
+        x["mask"],
+        objective="aepo",
+        entropy=x["entropy"],
+        entropy_adv_coef=COEF,
+        entropy_adv_norm="batch",
+        clip_ratio_c=3.0,
+        agg="token-mean",
+        normalizer=_batch()["mask"].sum(),
+        process_group=group,
+    )
     loss.backward()
     return loss.detach(), logp.grad
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}",
+        "gloo",
+        rank=rank,
+        world_size=WORLD,
+        init_method=f"tcp://127.0.0.1:{port}",
         timeout=timedelta(seconds=60),
-    )  # fmt: skip
+    )
     try:
         n = B // WORLD
         x = {k: v[rank * n : (rank + 1) * n] for k, v in _batch().items()}
@@ -92,8 +104,9 @@ def test_batch_norm_matches_single_process(rank_results):
 
 def test_policy_loss_gradients_match_single_process(rank_results):
     loss, grad = _loss_and_grad(_batch(), None)
-    torch.testing.assert_close(torch.cat([r["grad"] for r in rank_results]), grad,
-                               rtol=1e-6, atol=1e-7)  # fmt: skip
+    torch.testing.assert_close(
+        torch.cat([r["grad"] for r in rank_results]), grad, rtol=1e-6, atol=1e-7
+    )
     torch.testing.assert_close(sum(r["loss"] for r in rank_results), loss, rtol=1e-6, atol=1e-7)
     # Without the all-reduce each half normalises by its own statistics: the gradients differ.
     halves = [{k: v[s] for k, v in _batch().items()} for s in (slice(0, 3), slice(3, 6))]

@@ -104,8 +104,9 @@ def test_per_region_gradients(objective):
     old = torch.full((8,), -2.0)
     logp = (old + R.log()).requires_grad_()
     kw = {"gppo_beta_low": 2.0, "gppo_beta_high": 0.5} if objective == "gppo" else {}
-    loss, _ = policy_loss(logp, old, A, torch.ones(8), objective=objective, normalizer=1.0,
-                          entropy_adv_coef=0.0, **kw)  # fmt: skip
+    loss, _ = policy_loss(
+        logp, old, A, torch.ones(8), objective=objective, normalizer=1.0, entropy_adv_coef=0.0, **kw
+    )
     (grad,) = torch.autograd.grad(loss, logp)
     eh = 0.28 if objective == "dapo" else 0.2
     expected = _expected(
@@ -139,8 +140,9 @@ def test_aepo_entropy_advantage_runs_without_entropy_bonus():
     old, adv = torch.randn(2, 16, generator=gen) - 2, torch.randn(2, 1, generator=gen).expand(2, 16)
     ent, mask = torch.rand(2, 16, generator=gen) * 3, torch.ones(2, 16)
     x = old.clone().requires_grad_()  # ratio 1: every token inside the band, grad = -A'
-    loss, _ = policy_loss(x, old, adv, mask, objective="aepo", entropy=ent, entropy_coef=0.0,
-                          normalizer=1.0)  # fmt: skip
+    loss, _ = policy_loss(
+        x, old, adv, mask, objective="aepo", entropy=ent, entropy_coef=0.0, normalizer=1.0
+    )
     (grad,) = torch.autograd.grad(loss, x)
     torch.testing.assert_close(grad, -entropy_aware_advantages(adv, ent, mask, coef=0.2))
     assert not torch.allclose(grad, -adv)
@@ -150,8 +152,9 @@ def test_aepo_entropy_advantage_runs_without_entropy_bonus():
 def test_all_zero_mask_gives_zero_loss_and_gradient(agg):
     x = torch.randn(3, 5).requires_grad_()
     old = torch.full((3, 5), float("-inf"))  # garbage where masked
-    loss, metrics = policy_loss(x, old, torch.randn(3, 5), torch.zeros(3, 5), agg=agg,
-                                entropy=torch.rand(3, 5))  # fmt: skip
+    loss, metrics = policy_loss(
+        x, old, torch.randn(3, 5), torch.zeros(3, 5), agg=agg, entropy=torch.rand(3, 5)
+    )
     (grad,) = torch.autograd.grad(loss, x)
     assert loss.item() == 0.0 and torch.equal(grad, torch.zeros(3, 5))
     assert all(torch.isfinite(v) for v in metrics.values())
@@ -163,15 +166,17 @@ def test_garbage_entropy_at_masked_positions_is_ignored():
     mean, std = entropy_statistics(ent, mask)
     assert mean.item() == 1.5 and math.isclose(std.item(), math.sqrt(0.5))
     x = torch.zeros(1, 3, requires_grad=True)
-    loss, metrics = policy_loss(x, torch.zeros(1, 3), torch.ones(1, 3), mask, entropy=ent,
-                                entropy_coef=0.1)  # fmt: skip
+    loss, metrics = policy_loss(
+        x, torch.zeros(1, 3), torch.ones(1, 3), mask, entropy=ent, entropy_coef=0.1
+    )
     (grad,) = torch.autograd.grad(loss, x)
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad[0, 2] == 0
     assert metrics["entropy"].item() == 1.5
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
-                                 "constant"])  # fmt: skip
+@pytest.mark.parametrize(
+    "agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant"]
+)
 def test_gradient_accumulation_with_shared_normalizer(agg):
     gen = torch.Generator().manual_seed(2)
     old = torch.randn(4, 6, generator=gen) - 2
@@ -209,8 +214,12 @@ def test_gradient_accumulation_with_shared_normalizer(agg):
     ids=["objective", "agg", "bonus-no-entropy", "kl-no-ref", "norm", "shape", "eps", "dual"],
 )
 def test_bad_arguments_are_named(kwargs, error, match):
-    args = {"logp": torch.zeros(2, 3), "old_logp": torch.zeros(2, 3),
-            "advantages": torch.zeros(2, 3), "mask": torch.ones(2, 3)}  # fmt: skip
+    args = {
+        "logp": torch.zeros(2, 3),
+        "old_logp": torch.zeros(2, 3),
+        "advantages": torch.zeros(2, 3),
+        "mask": torch.ones(2, 3),
+    }
     for key in list(kwargs):
         if key in args:
             args[key] = kwargs.pop(key)
@@ -220,8 +229,9 @@ def test_bad_arguments_are_named(kwargs, error, match):
 
 def test_metrics_are_detached_tensors():
     x = torch.randn(2, 4).requires_grad_()
-    _, metrics = policy_loss(x, x.detach() - 0.5, torch.ones(2, 4), torch.ones(2, 4),
-                             entropy=torch.rand(2, 4))  # fmt: skip
+    _, metrics = policy_loss(
+        x, x.detach() - 0.5, torch.ones(2, 4), torch.ones(2, 4), entropy=torch.rand(2, 4)
+    )
     assert {"clip_frac_high", "clip_frac_low", "ratio_mean", "approx_kl", "entropy"} <= set(metrics)
     for value in metrics.values():
         assert isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 0

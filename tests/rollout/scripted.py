@@ -36,8 +36,9 @@ class ScriptedEngine:
 
     vocab_size = 1000
 
-    def __init__(self, tokenizer: WordTokenizer, n_calls: int = 3, levels=(0.2, 0.5, 0.8),
-                 seg_len: int = 4):  # fmt: skip
+    def __init__(
+        self, tokenizer: WordTokenizer, n_calls: int = 3, levels=(0.2, 0.5, 0.8), seg_len: int = 4
+    ):
         self.tok, self.n_calls, self.levels, self.seg_len = tokenizer, n_calls, levels, seg_len
         self.requests = 0
 

@@ -1,0 +1,56 @@
+"""A tiny tool-using agent for integration tests: a generated corpus, gold trajectories, and a
+Llama model trained for a few seconds so that it emits well-formed search calls and answers."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from aepo.models import build_model, save, train_lm, train_tokenizer
+
+NAMES = [
+    "alba",
+    "bruno",
+    "ciro",
+    "dana",
+    "elio",
+    "fara",
+    "gino",
+    "hana",
+    "ivo",
+    "juno",
+    "kira",
+    "luca",
+    "mara",
+    "nico",
+    "olga",
+    "pia",
+]
+CITIES = ["rome", "oslo", "lima", "kyiv", "doha", "bern", "riga", "baku"]
+
+
+def corpus(seed: int = 0) -> dict[str, str]:
+    """name -> document text."""
+    rng = random.Random(seed)
+    return {n: f"{n} lives in {rng.choice(CITIES)} and works as a baker ." for n in NAMES}
+
+
+def prompt(name: str) -> str:
+    return f"question : where does {name} live ? answer with search .\n"
+
+
+def gold(name: str, docs: dict[str, str]) -> str:
+    city = docs[name].split()[3]
+    return (
+        f"{prompt(name)}<search> {name} </search>\n<result>\n{docs[name]}\n</result>\n"
+        f"<answer> {city} </answer>"
+    )
+
+
+def build(path: Path, steps: int = 150, seed: int = 0) -> Path:
+    docs = corpus(seed)
+    texts = [gold(n, docs) for n in NAMES]
+    tok = train_tokenizer(texts + list(docs.values()), vocab_size=300)
+    model = build_model(tok, hidden=64, layers=2, heads=2, seed=seed)
+    train_lm(model, tok, texts, steps=steps, batch_size=16, lr=3e-3, seed=seed)
+    return save(model, tok, path)
