@@ -15,7 +15,7 @@ from aepo.rollout.engines.base import SamplingConfig
 from aepo.rollout.engines.hf import HFEngine
 from aepo.rollout.tools.search import Document, SearchTool
 from aepo.rollout.tree import RolloutConfig, TreeRollout
-from tests.rollout import tiny_agent
+from aepo.tasks import toy
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ TEMPERATURE = 0.9
 
 @pytest.fixture(scope="module")
 def agent_dir(tmp_path_factory):
-    return tiny_agent.build(tmp_path_factory.mktemp("agent") / "model", steps=150)
+    return toy.build(tmp_path_factory.mktemp("agent") / "model", steps=150)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def vllm_engine(agent_dir):
 
 
 def _rollout(engine, tokenizer, mode="aepo", k=4, tau=0.1, seed=0):
-    docs = tiny_agent.corpus()
+    docs = toy.corpus()
     search = SearchTool([Document(n, n, text) for n, text in docs.items()], top_k=1)
     cfg = RolloutConfig(
         branch=BranchConfig(mode=mode, k=k, tau=tau),
@@ -53,7 +53,7 @@ def _rollout(engine, tokenizer, mode="aepo", k=4, tau=0.1, seed=0):
         max_tool_calls=3,
         seed=seed,
     )
-    prompts = [tokenizer.encode(tiny_agent.prompt(n)) for n in tiny_agent.NAMES[:6]]
+    prompts = [tokenizer.encode(toy.prompt(n)) for n in toy.NAMES[:6]]
     return TreeRollout(engine, tokenizer, {"search": search}, cfg).run(prompts, step=1)
 
 
@@ -111,7 +111,7 @@ def test_update_weights_changes_samples_and_scores(vllm_engine, hf):
     from aepo.rollout.engines.base import GenRequest
 
     model, tokenizer = hf
-    request = [GenRequest(tokenizer.encode(tiny_agent.prompt("alba")), 12, seed=3)]
+    request = [GenRequest(tokenizer.encode(toy.prompt("alba")), 12, seed=3)]
     sampling = SamplingConfig(temperature=TEMPERATURE)
     before = vllm_engine.generate(request, sampling, ["</answer>"])[0]
     original = {n: p.detach().clone() for n, p in model.named_parameters()}

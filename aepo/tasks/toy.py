@@ -1,5 +1,9 @@
-"""A tiny tool-using agent for integration tests: a generated corpus, gold trajectories, and a
-Llama model trained for a few seconds so that it emits well-formed search calls and answers."""
+"""Toy single-hop lookup task ("where does <name> live?") and a tiny agent for it.
+
+A generated corpus, gold search-then-answer trajectories, and a Llama model trained on them for
+a few seconds so that it emits search calls and answers. Used by the rollout integration tests
+and the rollout benchmark; the real demo task is SynthHop.
+"""
 
 from __future__ import annotations
 

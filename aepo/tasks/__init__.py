@@ -1,0 +1,1 @@
+"""Task definitions: prompts, documents, references and rewards the trainer runs on."""
