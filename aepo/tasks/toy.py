@@ -11,6 +11,9 @@ import random
 from pathlib import Path
 
 from aepo.models import build_model, save, train_lm, train_tokenizer
+from aepo.rollout.rewards import QAReward, RewardConfig
+from aepo.rollout.tools.search import Document, SearchTool
+from aepo.tasks.base import register
 
 NAMES = [
     "alba",
@@ -58,3 +61,25 @@ def build(path: Path, steps: int = 150, seed: int = 0) -> Path:
     model = build_model(tok, hidden=64, layers=2, heads=2, seed=seed)
     train_lm(model, tok, texts, steps=steps, batch_size=16, lr=3e-3, seed=seed)
     return save(model, tok, path)
+
+
+@register("toy")
+class ToyTask:
+    """The toy lookup task behind the :class:`~aepo.tasks.base.Task` interface."""
+
+    name = "toy"
+
+    def __init__(self, seed: int = 0, sft_steps: int = 150):
+        self.seed, self.sft_steps = seed, sft_steps
+        self.docs = corpus(seed)
+        self.reward = QAReward(RewardConfig(metric="em", bonus_tools=("search",)))
+
+    def samples(self, split: str) -> list[dict]:
+        return [{"prompt": prompt(n), "answers": [self.docs[n].split()[3]]} for n in NAMES]
+
+    def tools(self) -> dict:
+        docs = [Document(n, n, text) for n, text in self.docs.items()]
+        return {"search": SearchTool(docs, top_k=1)}
+
+    def build_model(self, path: Path, seed: int) -> Path:
+        return build(path, steps=self.sft_steps, seed=seed)

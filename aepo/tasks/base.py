@@ -1,0 +1,51 @@
+"""What the trainer needs from a task, and the registry of named tasks."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from aepo.rollout.rewards import RewardFn
+from aepo.rollout.tools.base import Tool
+
+Sample = Mapping[str, Any]  # at least "prompt" (text) and what the reward reads ("answers")
+
+
+class Task(Protocol):
+    name: str
+    reward: RewardFn  # (response_text, sample) -> RewardResult
+
+    def samples(self, split: str) -> Sequence[Sample]:
+        """ "train" or "eval" samples, in a fixed order."""
+        ...
+
+    def tools(self) -> dict[str, Tool]:
+        """Tag name -> tool, fresh for this process."""
+        ...
+
+    def build_model(self, path: Path, seed: int) -> Path:
+        """Create the task's default starting model (HF folder) at ``path``."""
+        ...
+
+
+_REGISTRY: dict[str, Callable[..., Task]] = {}
+TASK_MODULES = ("aepo.tasks.toy",)
+
+
+def register(name: str):
+    def wrap(factory):
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def get_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
+    """Instantiate a registered task; unknown names list the registered ones."""
+    for module in TASK_MODULES:  # each registers itself on import
+        importlib.import_module(module)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name](**dict(options or {}))

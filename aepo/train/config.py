@@ -1,0 +1,236 @@
+"""Training configuration: frozen dataclasses with defaults, loaded from YAML plus dotted
+``key=value`` overrides, validated with errors that name the key and the allowed values."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from aepo.loss import PolicyLossConfig
+from aepo.rollout.branching import MODES
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None  # HF model folder; None: the task builds its default model
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
+    attn_implementation: str = "sdpa"  # sdpa, eager, or flash_attention_2 (GPU, [gpu] extra)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "toy"  # registered task (aepo.tasks.registry)
+    prompts_per_step: int = 4  # prompts per rank per step (each gets k trajectories)
+    options: dict = field(default_factory=dict)  # task-specific settings
+
+
+@dataclass(frozen=True)
+class RolloutSection:
+    engine: str = "vllm"  # vllm or hf
+    mode: str = "aepo"  # aepo, aepo-fixed, arpo, flat
+    k: int = 4  # trajectories per prompt
+    m_fixed: int | None = None  # global samples in fixed modes (None: k // 2)
+    beta: float = 0.5  # pre-monitoring sharpness
+    tau: float = 0.5  # branch threshold
+    gamma: float = 0.2  # entropy-difference weight
+    lam: float = 0.05  # consecutive-branch penalty
+    z: int = 1  # continuations per fork
+    temperature: float = 1.0  # sampling temperature (the loss uses the same)
+    top_p: float = 1.0  # nucleus sampling
+    logprobs_k: int = 20  # top-k log-probs for the entropy estimate
+    max_response_tokens: int = 256  # response budget per trajectory
+    max_tool_calls: int = 6  # tool calls per trajectory
+    max_result_tokens: int = 96  # tool result budget in tokens
+    window: int = 20  # W tokens for the segment entropy
+    cpu_kv_cache_gib: int = 1  # vLLM KV cache on CPU
+    gpu_memory_utilization: float = 0.3  # vLLM share of GPU memory when colocated
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    grad_clip: float = 1.0  # global grad-norm clip (0 disables)
+    ppo_epochs: int = 1  # passes over each step's rollouts
+    mini_batch_size: int | None = None  # trajectories per rank per optimizer step (None: all)
+    micro_batch_size: int = 4  # trajectories per forward/backward
+
+
+@dataclass(frozen=True)
+class DeepSpeedSection:
+    zero_stage: int = 3  # ZeRO stage (3 shards parameters, gradients, optimizer state)
+    offload_optimizer: bool = False  # keep optimizer state on the CPU (GPU runs)
+    sync_bucket_mb: int = 64  # weight-sync bucket size when gathering from ZeRO-3 shards
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True  # write run_dir/tb
+    progress: bool = True  # progress bar on rank 0
+    sync_check_tokens: int = 16  # tokens sampled after each sync to compare log-probs
+    sync_tolerance: float = 1e-4  # max |vLLM - trainer| log-prob after sync (fp32)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # run directory (config, metrics, checkpoints, plots)
+    steps: int = 10  # training steps
+    seed: int = 0  # run seed: data order, rollouts, branch draws
+    save_every: int = 0  # checkpoint every N steps (0: only at the end)
+    keep_last: int = 2  # checkpoints kept
+    resume: bool = False  # continue from the latest complete checkpoint in dir
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    objective: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "rollout.engine": ("vllm", "hf"),
+    "rollout.mode": MODES,
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+}
+
+
+def load_config(
+    path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> TrainConfig:
+    """YAML file (optional) + ``a.b=value`` overrides (values parsed as YAML) -> TrainConfig."""
+    raw = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    cfg = _build(TrainConfig, raw, "")
+    _validate(cfg)
+    return cfg
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        where = prefix.rstrip(".") or "the top level"
+        raise ConfigError(
+            f"unknown key {prefix + unknown[0]!r}; valid keys in {where}: {', '.join(fields)}"
+        )
+    values = {}
+    for name, value in raw.items():
+        key, hint = f"{prefix}{name}", hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value, key + ".")
+        else:
+            values[name] = _coerce(key, value, hint)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from exc
+
+
+def _coerce(key: str, value, hint):
+    """Check ``value`` against the annotation; ints are accepted for floats, lists for tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(
+            _coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
+    expected = origin or hint
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise ConfigError(
+            f"{key}: expected {getattr(expected, '__name__', expected)}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    return value
+
+
+def _validate(cfg: TrainConfig) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
+    if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
+        raise ConfigError(f"model.path {cfg.model.path!r} is not a model folder (no config.json)")
+    positive = {
+        "run.steps": cfg.run.steps,
+        "rollout.k": cfg.rollout.k,
+        "task.prompts_per_step": cfg.task.prompts_per_step,
+        "optim.micro_batch_size": cfg.optim.micro_batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    if cfg.objective.temperature not in (1.0, cfg.rollout.temperature):
+        raise ConfigError(
+            "objective.temperature is taken from rollout.temperature (the loss must divide by "
+            "the sampling temperature); set rollout.temperature instead"
+        )
+    per_rank = cfg.task.prompts_per_step * cfg.rollout.k
+    mini = cfg.optim.mini_batch_size or per_rank
+    if per_rank % mini or mini % cfg.optim.micro_batch_size:
+        raise ConfigError(
+            f"optim.mini_batch_size ({mini}) must divide the {per_rank} trajectories per rank "
+            f"(task.prompts_per_step x rollout.k), and optim.micro_batch_size "
+            f"({cfg.optim.micro_batch_size}) must divide it"
+        )
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists) for YAML."""
+    out = dataclasses.asdict(cfg)
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        return list(x) if isinstance(x, tuple) else x
+
+    return plain(out)
+
+
+def dump_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (every field, defaults included)."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

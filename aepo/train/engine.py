@@ -1,0 +1,157 @@
+"""``PolicyEngine``: the one place that owns DeepSpeed (config, ZeRO-3 model, backward, step,
+gathered weights for vLLM, save, load). fp32 + torch AdamW on CPU, bf16 on GPU."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import torch
+
+from aepo.train.config import TrainConfig
+
+
+def init_distributed() -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); works without a
+    launcher by filling in the single-process environment. Returns (rank, world size)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(
+                RANK="0",
+                LOCAL_RANK="0",
+                WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(_free_port()),
+            )
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
+    on_gpu = torch.cuda.is_available()
+    o, z = cfg.optim, cfg.deepspeed
+    zero = {"stage": z.zero_stage}
+    if z.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": o.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": on_gpu and cfg.model.dtype != "float32"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": list(o.betas),
+                "eps": 1e-8,
+                "weight_decay": o.weight_decay,
+                "torch_adam": not on_gpu,
+            },
+        },
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PolicyEngine:
+    """The trained policy under DeepSpeed.
+
+    Args:
+        cfg: the training config.
+        model_path: HF folder to start from.
+        grad_accum: micro-batches per optimizer step (DeepSpeed steps at that boundary).
+    """
+
+    def __init__(self, cfg: TrainConfig, model_path: str, grad_accum: int):
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.ds_config = deepspeed_config(cfg, grad_accum)
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # keep alive: ZeRO-3-aware loading
+        dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, torch_dtype=dtype, attn_implementation=cfg.model.attn_implementation
+        )
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=model.parameters(), config=self.ds_config
+        )
+        self.bucket_bytes = cfg.deepspeed.sync_bucket_mb << 20
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L, V] logits (ZeRO-3 gathers each layer's parameters on the fly)."""
+        device = self.engine.device
+        out = self.engine(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+        return out.logits
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Our losses are already normalised by the global token count: no 1/GAS scaling."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> None:
+        """Optimizer step at the accumulation boundary (DeepSpeed counts micro-batches)."""
+        self.engine.step()
+
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def gathered_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full (unsharded) parameters in buckets of about ``sync_bucket_mb``, HF names.
+
+        Collective under ZeRO-3: every rank must iterate it in step.
+        """
+        import deepspeed
+
+        named = list(self.engine.module.named_parameters())
+        bucket, size = [], 0
+        for name, p in named:
+            numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            bucket.append((name, p))
+            size += numel * p.element_size()
+            if size >= self.bucket_bytes:
+                yield self._gather(deepspeed, bucket)
+                bucket, size = [], 0
+        if bucket:
+            yield self._gather(deepspeed, bucket)
+
+    @staticmethod
+    def _gather(deepspeed, bucket):
+        params = [p for _, p in bucket]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return [(name, p.detach().float().clone()) for name, p in bucket]
+
+    def save(self, directory: str, tag: str = "ds") -> None:
+        self.engine.save_checkpoint(directory, tag=tag)
+
+    def load(self, directory: str, tag: str = "ds") -> None:
+        path, _ = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load a checkpoint from {directory}/{tag}")
+
+    def save_pretrained(self, directory: str, tokenizer=None) -> None:
+        """HF folder of the full model (rank 0 writes; collective gather on every rank)."""
+        import torch.distributed as dist
+
+        state = {name: t for bucket in self.gathered_parameters() for name, t in bucket}
+        if dist.get_rank() == 0:
+            module = self.engine.module
+            module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(directory)

@@ -1,0 +1,368 @@
+"""The AEPO training loop. Per step, top to bottom:
+
+rollout (colocated vLLM, tree) -> rewards -> group advantages -> old log-probs and entropy
+recomputed by the trainer -> mini-batch updates with the fused policy loss -> weight sync to
+vLLM (+ log-prob check) -> metrics -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aepo.kernels import fused_policy_loss, logprobs_and_entropy
+from aepo.objectives import entropy_statistics, group_advantages
+from aepo.rollout.branching import BranchConfig
+from aepo.rollout.engines.base import GenRequest, SamplingConfig
+from aepo.rollout.trajectory import flatten
+from aepo.rollout.tree import RolloutConfig, TreeRollout
+from aepo.tasks.base import get_task
+from aepo.train import checkpoint
+from aepo.train.config import TrainConfig, dump_config
+from aepo.train.engine import PolicyEngine, init_distributed
+from aepo.train.metrics import MetricsLogger
+
+TIMING_KEYS = ("time_rollout", "time_train", "time_sync", "gen_tokens_per_s")
+
+
+def rollout_config(cfg: TrainConfig) -> RolloutConfig:
+    r = cfg.rollout
+    branch = BranchConfig(
+        mode=r.mode,
+        k=r.k,
+        m_fixed=r.m_fixed,
+        beta=r.beta,
+        tau=r.tau,
+        gamma=r.gamma,
+        lam=r.lam,
+        z=r.z,
+    )
+    sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, logprobs_k=r.logprobs_k)
+    return RolloutConfig(
+        branch=branch,
+        sampling=sampling,
+        max_response_tokens=r.max_response_tokens,
+        max_tool_calls=r.max_tool_calls,
+        max_result_tokens=r.max_result_tokens,
+        window=r.window,
+        seed=cfg.run.seed,
+    )
+
+
+def make_engine(cfg: TrainConfig, model_path: str, world: int, tokenizer):
+    """The colocated generation engine: one in-process vLLM per rank (or HF)."""
+    if cfg.rollout.engine == "hf":
+        from transformers import AutoModelForCausalLM
+
+        from aepo.rollout.engines.hf import HFEngine
+
+        return HFEngine(AutoModelForCausalLM.from_pretrained(model_path), tokenizer)
+    from aepo.rollout.engines.vllm import VLLMConfig, VLLMEngine
+
+    dtype = "bfloat16" if torch.cuda.is_available() and cfg.model.dtype != "float32" else "float32"
+    vcfg = VLLMConfig(
+        dtype=dtype,
+        cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
+        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        executor="external_launcher" if world > 1 else "uni",
+        seed=cfg.run.seed,
+    )
+    return VLLMEngine(model_path, vcfg)
+
+
+class Trainer:
+    """Holds the pieces of one run; :meth:`fit` runs the steps."""
+
+    def __init__(self, cfg: TrainConfig):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.rank, self.world = init_distributed()
+        self.run_dir = Path(cfg.run.dir)
+        self.task = get_task(cfg.task.name, cfg.task.options)
+        self.samples = list(self.task.samples("train"))
+        model_path = self._model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        per_rank = cfg.task.prompts_per_step * cfg.rollout.k
+        self.mini = cfg.optim.mini_batch_size or per_rank
+        self.policy = PolicyEngine(cfg, model_path, self.mini // cfg.optim.micro_batch_size)
+        self.engine = make_engine(cfg, model_path, self.world, self.tokenizer)
+        self.rollout = TreeRollout(
+            self.engine, self.tokenizer, self.task.tools(), rollout_config(cfg)
+        )
+        self.loss_kwargs = cfg.objective.policy_loss_kwargs()
+        self.loss_kwargs.pop("entropy_adv_norm")
+
+    def _model_path(self) -> str:
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        if self.cfg.model.path is not None:
+            return self.cfg.model.path
+        path = self.run_dir / "base_model"
+        if self.rank == 0 and not (path / "config.json").is_file():
+            self.task.build_model(path, seed=self.cfg.run.seed)
+        dist.barrier()
+        return str(path)
+
+    def fit(self) -> Path:
+        cfg = self.cfg
+        start = self._resume() if cfg.run.resume else 0
+        if start:
+            self.sync_weights()
+        logger = MetricsLogger(
+            self.run_dir,
+            rank=self.rank,
+            tensorboard=cfg.logging.tensorboard,
+            progress=cfg.logging.progress,
+            total_steps=cfg.run.steps,
+            start_step=start,
+        )
+        with logger:
+            for step in range(start, cfg.run.steps):
+                logger.log(step, self.step(step))
+                last = step + 1 == cfg.run.steps
+                if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                    self.save(step + 1)
+        self.policy.save_pretrained(str(self.run_dir / "final_model"), self.tokenizer)
+        return self.run_dir
+
+    def _resume(self) -> int:
+        done = checkpoint.complete_checkpoints(self.run_dir / "checkpoints")
+        if not done:
+            return 0
+        state = checkpoint.load_checkpoint(self.policy, done[-1])
+        return int(state["step"])
+
+    def save(self, step: int) -> None:
+        state = {"cursor": step * self.cfg.task.prompts_per_step * self.world}
+        checkpoint.save_checkpoint(
+            self.policy, self.run_dir / "checkpoints", step, state, keep_last=self.cfg.run.keep_last
+        )
+
+    def prompts_for(self, step: int) -> list[dict]:
+        """This rank's samples for ``step``: a seeded permutation per epoch, read in order."""
+        n = self.cfg.task.prompts_per_step
+        start = (step * self.world + self.rank) * n
+        out = []
+        for i in range(start, start + n):
+            epoch, pos = divmod(i, len(self.samples))
+            order = np.random.default_rng([self.cfg.run.seed, epoch]).permutation(len(self.samples))
+            out.append(self.samples[order[pos]])
+        return out
+
+    def step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        samples = self.prompts_for(step)
+        prompts = [self.tokenizer.encode(s["prompt"]) for s in samples]
+        group0 = (step * self.world + self.rank) * len(samples)
+        out = self.rollout.run(prompts, step=step, group_offset=group0)
+        rewards = self._score(out.trajectories, samples)
+        t1 = time.perf_counter()
+        train_metrics = self.update(out.trajectories)
+        t2 = time.perf_counter()
+        self.sync_weights()
+        sync_diff = self.check_sync(prompts[0], step)
+        t3 = time.perf_counter()
+        metrics = {
+            **rewards,
+            **train_metrics,
+            **_rollout_metrics(out),
+            "sync_logprob_diff": sync_diff,
+        }
+        metrics = self._mean_over_ranks(metrics)
+        metrics |= {
+            "time_rollout": t1 - t0,
+            "time_train": t2 - t1,
+            "time_sync": t3 - t2,
+            "gen_tokens_per_s": out.stats["generated_tokens"] / max(t1 - t0, 1e-9),
+        }
+        return metrics
+
+    def _score(self, trajectories, samples) -> dict[str, float]:
+        results = []
+        for t in trajectories:
+            text = self.tokenizer.decode(t.response_ids, skip_special_tokens=True)
+            res = self.task.reward(text, samples[t.prompt])
+            t.reward = res.reward
+            results.append(res)
+        return {
+            "reward_mean": float(np.mean([r.reward for r in results])),
+            "reward_std": float(np.std([r.reward for r in results])),
+            "em": float(np.mean([r.em for r in results])),
+            "f1": float(np.mean([r.f1 for r in results])),
+            "format_ok": float(np.mean([r.format_ok for r in results])),
+        }
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values)
+        return {k: float(v) / self.world for k, v in zip(keys, values, strict=True)}
+
+    def update(self, trajectories) -> dict[str, float]:
+        """Advantages, old log-probs, then ppo_epochs x mini-batches of fused-loss updates."""
+        batch = _shifted(flatten(trajectories, self.tokenizer.pad_token_id))
+        adv = group_advantages(batch["rewards"], batch["group_ids"])
+        batch["advantages"] = adv[:, None].expand_as(batch["mask"]).contiguous()
+        batch["old_logp"], batch["entropy"] = self._recompute(batch)
+        logged: dict[str, list[float]] = {}
+        for _ in range(self.cfg.optim.ppo_epochs):
+            for lo in range(0, len(trajectories), self.mini):
+                for key, value in self._mini_batch(batch, slice(lo, lo + self.mini)).items():
+                    logged.setdefault(key, []).append(value)
+        out = {k: float(np.mean(v)) for k, v in logged.items()}
+        out["rollout_logp_diff"] = _masked_mean_abs(
+            batch["old_logp"] - batch["rollout_logp"], batch["mask"]
+        )
+        out["grad_norm"] = self.policy.grad_norm()
+        return out
+
+    @torch.no_grad()
+    def _recompute(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current policy's log-probs and entropy of every position (before updates)."""
+        logp, ent = [], []
+        micro = self.cfg.optim.micro_batch_size
+        for lo in range(0, batch["input_ids"].shape[0], micro):
+            rows = slice(lo, lo + micro)
+            logits = self.policy.logits(batch["input_ids"][rows], batch["attention_mask"][rows])
+            labels = torch.where(batch["mask"][rows].bool(), batch["labels"][rows], -100)
+            lp, h = logprobs_and_entropy(
+                logits, labels.to(logits.device), temperature=self.cfg.rollout.temperature
+            )
+            logp.append(lp.cpu())
+            ent.append(h.cpu())
+        return torch.cat(logp), torch.cat(ent)
+
+    def _mini_batch(self, batch, rows: slice) -> dict[str, float]:
+        cfg, group = self.cfg, dist.group.WORLD if self.world > 1 else None
+        mask = batch["mask"][rows]
+        norm = cfg.objective.entropy_adv_norm
+        stats = None
+        if norm == "batch":
+            stats = entropy_statistics(
+                batch["entropy"][rows], mask, norm="batch", process_group=group
+            )
+        normalizer = self._normalizer(mask)
+        logged: dict[str, list[float]] = {}
+        micro = cfg.optim.micro_batch_size
+        for lo in range(rows.start, rows.start + mask.shape[0], micro):
+            r = slice(lo, lo + micro)
+            groups = batch["group_ids"][r] if norm == "group" else None
+            logits = self.policy.logits(batch["input_ids"][r], batch["attention_mask"][r])
+            dev = logits.device
+            loss, metrics = fused_policy_loss(
+                logits,
+                batch["labels"][r].to(dev),
+                batch["old_logp"][r].to(dev),
+                batch["advantages"][r].to(dev),
+                batch["mask"][r].to(dev),
+                temperature=cfg.rollout.temperature,
+                backend=cfg.objective.backend,
+                inplace_grad=True,
+                normalizer=normalizer,
+                entropy_stats=stats,
+                entropy_adv_norm=norm,
+                group_ids=groups,
+                **self.loss_kwargs,
+            )
+            self.policy.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
+            self.policy.step()
+            for key, value in {"loss": loss, **metrics}.items():
+                logged.setdefault(key, []).append(float(value))
+        return {k: float(np.mean(v)) for k, v in logged.items()}
+
+    def _normalizer(self, mask: torch.Tensor) -> float:
+        """Global divisor of one mini-batch (all micro-batches and ranks), per aggregation."""
+        agg = self.cfg.objective.agg
+        if agg == "token-mean":
+            local = mask.sum()
+        elif agg == "constant":
+            local = torch.tensor(float(mask.shape[0] * self.cfg.rollout.max_response_tokens))
+        else:
+            local = (mask.sum(-1) > 0).sum().float()
+        total = local.double().clone()
+        if self.world > 1:
+            dist.all_reduce(total)
+        return max(float(total), 1.0)
+
+    def sync_weights(self) -> None:
+        """Trainer -> vLLM: gather ZeRO-3 shards bucket by bucket, reload, reset prefix cache."""
+        weights = [item for bucket in self.policy.gathered_parameters() for item in bucket]
+        self.engine.update_weights(weights)
+
+    @torch.no_grad()
+    def check_sync(self, prompt_ids: list[int], step: int) -> float:
+        """Sample a few tokens with vLLM and compare its log-probs with the trainer's."""
+        cfg = self.cfg
+        n = cfg.logging.sync_check_tokens
+        seed = cfg.run.seed * 1_000_003 + step
+        sampling = SamplingConfig(temperature=cfg.rollout.temperature, logprobs_k=1)
+        res = self.engine.generate([GenRequest(prompt_ids, n, seed)], sampling, [])[0]
+        ids = torch.tensor([prompt_ids + res.token_ids])
+        logits = self.policy.logits(ids, torch.ones_like(ids)).float() / cfg.rollout.temperature
+        lp = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], -1)
+        ref = lp.gather(-1, torch.tensor(res.token_ids, device=lp.device)[:, None])[:, 0].cpu()
+        diff = (torch.tensor(res.logprobs) - ref).abs().max().item() if res.token_ids else 0.0
+        if not diff <= cfg.logging.sync_tolerance:
+            raise RuntimeError(
+                f"weight sync check failed at step {step}: vLLM and trainer log-probs differ by "
+                f"{diff:.3g} > logging.sync_tolerance={cfg.logging.sync_tolerance}"
+            )
+        return diff
+
+
+def _shifted(tb) -> dict[str, torch.Tensor]:
+    """Align everything with the position that predicts it: position t scores token t + 1."""
+    ids = tb.input_ids
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    mask = torch.zeros_like(tb.loss_mask)
+    mask[:, :-1] = tb.loss_mask[:, 1:]
+    rollout_logp = torch.zeros_like(tb.rollout_logprobs)
+    rollout_logp[:, :-1] = tb.rollout_logprobs[:, 1:]
+    return {
+        "input_ids": ids,
+        "attention_mask": tb.attention_mask,
+        "labels": labels.clamp(min=0),
+        "mask": mask,
+        "rollout_logp": rollout_logp,
+        "rewards": tb.rewards,
+        "group_ids": tb.group_ids,
+    }
+
+
+def _masked_mean_abs(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x.abs() * mask).sum() / mask.sum().clamp(min=1))
+
+
+def _rollout_metrics(out) -> dict[str, float]:
+    trajs = out.trajectories
+    groups: dict[int, set] = {}
+    for t in trajs:
+        groups.setdefault(t.group, set()).add(tuple(t.response_ids))
+    return {
+        "tool_calls_per_traj": float(np.mean([len(t.tool_calls) for t in trajs])),
+        "branches_per_group": out.stats["branches"] / max(len(groups), 1),
+        "distinct_per_group": float(np.mean([len(g) for g in groups.values()])),
+        "response_tokens_mean": float(np.mean([len(t.response_ids) for t in trajs])),
+        "prefix_cache_reuse": out.stats["cached_tokens"] / max(out.stats["context_tokens"], 1),
+    }
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run a whole training job (one process, or one rank under torchrun / deepspeed)."""
+    if not math.isfinite(cfg.rollout.temperature) or cfg.rollout.temperature <= 0:
+        raise ValueError("rollout.temperature must be > 0")
+    cfg = dataclasses.replace(
+        cfg, objective=dataclasses.replace(cfg.objective, temperature=cfg.rollout.temperature)
+    )
+    return Trainer(cfg).fit()
