@@ -1,0 +1,81 @@
+"""Config loading: YAML + dotted overrides, and errors that name the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from aepo.train.config import ConfigError, dump_config, load_config, to_dict
+
+
+def test_defaults_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  k: 8\n  mode: arpo\nobjective:\n  objective: dapo\n")
+    cfg = load_config(path, ["rollout.k=2", "optim.betas=[0.9, 0.95]", "task.options={seed: 3}"])
+    assert cfg.rollout.k == 2 and cfg.rollout.mode == "arpo"
+    assert cfg.objective.objective == "dapo" and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.task.options == {"seed": 3} and cfg.run.steps == 10
+    assert isinstance(load_config(None, ["optim.lr=1"]).optim.lr, float)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["rollout.k=2", "run.steps=5"])
+    dump_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg and to_dict(again) == yaml.safe_load((tmp_path / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["rollout.kk=3"], r"unknown key 'rollout.kk'; valid keys in rollout: engine, mode, k,"),
+        (["trainer.lr=3"], r"unknown key 'trainer'; valid keys in the top level: model"),
+        (["rollout.k=abc"], r"rollout.k: expected int, got 'abc' \(str\)"),
+        (["optim.lr=fast"], r"optim.lr: expected float"),
+        (["run.resume=1"], r"run.resume: expected bool"),
+        (["optim.betas=[0.9]"], r"optim.betas: expected a list of 2 values"),
+        (["model.path=/no/such/model"], r"model.path '/no/such/model' is not a model folder"),
+        (["rollout.mode=tree"], r"rollout.mode='tree' is not one of: aepo, aepo-fixed, arpo, flat"),
+        (["objective.objective=trpo"], r"objective='trpo' is not one of: aepo, grpo"),
+        (["rollout.engine=sglang"], r"rollout.engine='sglang' is not one of: vllm, hf"),
+        (["optim.micro_batch_size=3"], r"optim.micro_batch_size \(3\) must divide"),
+        (["rollout.k=0"], r"rollout.k must be >= 1"),
+        (["objective.temperature=0.5"], r"set rollout.temperature instead"),
+        (["rollout"], r"must look like section.key=value"),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-section",
+        "int-type",
+        "float-type",
+        "bool-type",
+        "tuple-len",
+        "missing-model",
+        "mode",
+        "objective",
+        "engine",
+        "divisibility",
+        "k0",
+        "temperature",
+        "no-equals",
+    ],
+)
+def test_bad_config_names_the_key(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_cli_reports_config_errors_without_a_traceback(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("rollout:\n  k: four\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "aepo.cli", "train", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "config error: rollout.k: expected int" in proc.stderr and "Traceback" not in proc.stderr
