@@ -54,6 +54,7 @@ def build_model(
     intermediate: int | None = None,
     max_positions: int = 1024,
     seed: int = 0,
+    tie_embeddings: bool = False,
 ):
     """A randomly initialised ``LlamaForCausalLM`` (fp32). head_dim = hidden / heads must be
     at least 32 for vLLM's CPU attention."""
@@ -72,7 +73,7 @@ def build_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_embeddings,
         torch_dtype="float32",
     )
     torch.manual_seed(seed)

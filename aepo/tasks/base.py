@@ -31,7 +31,7 @@ class Task(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
-TASK_MODULES = ("aepo.tasks.toy",)
+TASK_MODULES = ("aepo.tasks.toy", "aepo.tasks.synthhop.task")
 
 
 def register(name: str):
