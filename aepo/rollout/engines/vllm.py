@@ -93,7 +93,23 @@ class VLLMEngine:
         """
         weights = [(name, t.detach()) for name, t in named_tensors]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
+
+
+def _refresh_tied_lm_head(worker) -> bool:
+    """Re-run the LM head's post-load processing when it is tied to the input embedding.
+
+    The CPU backend pre-packs the head's GEMM weight at load time; a tied head is not among
+    the reloaded names, so without this its packed copy keeps the old embedding.
+    """
+    model = worker.model_runner.get_model()
+    head = getattr(model, "lm_head", None)
+    config = getattr(model, "config", None)
+    if head is None or not getattr(config, "tie_word_embeddings", False):
+        return False
+    head.quant_method.process_weights_after_loading(head)
+    return True
 
 
 def _to_result(output) -> GenResult:

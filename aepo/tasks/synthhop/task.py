@@ -36,7 +36,8 @@ class SynthHopTask:
 
     def __init__(self, seed: int = 0, rl_hops: tuple[int, ...] = (1, 2), sft: dict | None = None,
                  kb: dict | None = None):  # fmt: skip
-        self.kb = SynthHop.build(KBConfig(seed=seed, **(kb or {})))
+        # 1,600 companies: >= 300 held-out 3-hop (founder_country) questions for evaluation
+        self.kb = SynthHop.build(KBConfig(seed=seed, **({"companies": 1600} | (kb or {}))))
         self.seed, self.rl_hops = seed, tuple(rl_hops)
         self.recipe = SFTRecipe(**(sft or {}))
         self.reward = QAReward(RewardConfig(metric="em", format_penalty=-0.1, tool_bonus=0.0))
