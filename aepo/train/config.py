@@ -209,6 +209,15 @@ def _validate(cfg: TrainConfig) -> None:
             "objective.temperature is taken from rollout.temperature (the loss must divide by "
             "the sampling temperature); set rollout.temperature instead"
         )
+    packed = cfg.model.attn_implementation == "flash_attention_2"
+    if packed and (
+        cfg.objective.agg not in ("token-mean", "constant")
+        or cfg.objective.entropy_adv_norm == "group"
+    ):
+        raise ConfigError(
+            "model.attn_implementation=flash_attention_2 packs sequences without padding: it "
+            "needs objective.agg token-mean or constant and entropy_adv_norm batch or micro"
+        )
     per_rank = cfg.task.prompts_per_step * cfg.rollout.k
     mini = cfg.optim.mini_batch_size or per_rank
     if per_rank % mini or mini % cfg.optim.micro_batch_size:

@@ -41,6 +41,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def pack(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[B, L, ...] -> [1, T, ...] real positions only (identity when ``keep`` is None)."""
+    return x if keep is None else x[keep.to(x.device)][None]
+
+
+def unpack(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of :func:`pack` for [1, T] values: [B, L] with zeros at padding."""
+    if keep is None:
+        return x
+    out = x.new_zeros(keep.shape)
+    out[keep.to(x.device)] = x[0]
+    return out
+
+
 def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
     on_gpu = torch.cuda.is_available()
     o, z = cfg.optim, cfg.deepspeed
@@ -83,6 +97,11 @@ class PolicyEngine:
         from transformers import AutoModelForCausalLM
         from transformers.integrations import HfDeepSpeedConfig
 
+        if cfg.model.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
+                "package ([gpu] extra); use sdpa on CPU"
+            )
         self.ds_config = deepspeed_config(cfg, grad_accum)
         self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # keep alive: ZeRO-3-aware loading
         dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
@@ -93,12 +112,24 @@ class PolicyEngine:
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )
         self.bucket_bytes = cfg.deepspeed.sync_bucket_mb << 20
+        self.packed = cfg.model.attn_implementation == "flash_attention_2"
 
-    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L, V] logits (ZeRO-3 gathers each layer's parameters on the fly)."""
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """Logits of a right-padded [B, L] batch (ZeRO-3 gathers each layer on the fly).
+
+        Returns ``(logits, keep)``: padded, ``([B, L, V], None)``; with flash-attention 2 the
+        rows are packed without padding into one sequence whose position ids restart per row,
+        ``([1, T, V], keep)`` with ``keep`` the [B, L] attention mask: per-token tensors are
+        then packed with :func:`pack` (T = number of real tokens).
+        """
         device = self.engine.device
-        out = self.engine(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
-        return out.logits
+        ids, attn = input_ids.to(device), attention_mask.to(device)
+        if not self.packed:
+            return self.engine(input_ids=ids, attention_mask=attn).logits, None
+        keep = attn.bool()
+        positions = (keep.cumsum(-1) - 1)[keep][None]
+        out = self.engine(input_ids=ids[keep][None], position_ids=positions)
+        return out.logits, keep.cpu()
 
     def backward(self, loss: torch.Tensor) -> None:
         """Our losses are already normalised by the global token count: no 1/GAS scaling."""

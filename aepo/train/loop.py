@@ -25,7 +25,7 @@ from aepo.rollout.tree import RolloutConfig, TreeRollout
 from aepo.tasks.base import get_task
 from aepo.train import checkpoint
 from aepo.train.config import TrainConfig, dump_config
-from aepo.train.engine import PolicyEngine, init_distributed
+from aepo.train.engine import PolicyEngine, init_distributed, pack, unpack
 from aepo.train.metrics import MetricsLogger
 
 TIMING_KEYS = ("time_rollout", "time_train", "time_sync", "gen_tokens_per_s")
@@ -233,13 +233,17 @@ class Trainer:
         micro = self.cfg.optim.micro_batch_size
         for lo in range(0, batch["input_ids"].shape[0], micro):
             rows = slice(lo, lo + micro)
-            logits = self.policy.logits(batch["input_ids"][rows], batch["attention_mask"][rows])
-            labels = torch.where(batch["mask"][rows].bool(), batch["labels"][rows], -100)
+            logits, keep = self.policy.logits(
+                batch["input_ids"][rows], batch["attention_mask"][rows]
+            )
+            labels = pack(
+                torch.where(batch["mask"][rows].bool(), batch["labels"][rows], -100), keep
+            )
             lp, h = logprobs_and_entropy(
                 logits, labels.to(logits.device), temperature=self.cfg.rollout.temperature
             )
-            logp.append(lp.cpu())
-            ent.append(h.cpu())
+            logp.append(unpack(lp, keep).cpu())
+            ent.append(unpack(h, keep).cpu())
         return torch.cat(logp), torch.cat(ent)
 
     def _mini_batch(self, batch, rows: slice) -> dict[str, float]:
@@ -257,14 +261,17 @@ class Trainer:
         for lo in range(rows.start, rows.start + mask.shape[0], micro):
             r = slice(lo, lo + micro)
             groups = batch["group_ids"][r] if norm == "group" else None
-            logits = self.policy.logits(batch["input_ids"][r], batch["attention_mask"][r])
-            dev = logits.device
+            logits, keep = self.policy.logits(batch["input_ids"][r], batch["attention_mask"][r])
+            labels, old, adv, m = (
+                pack(batch[k][r], keep).to(logits.device)
+                for k in ("labels", "old_logp", "advantages", "mask")
+            )
             loss, metrics = fused_policy_loss(
                 logits,
-                batch["labels"][r].to(dev),
-                batch["old_logp"][r].to(dev),
-                batch["advantages"][r].to(dev),
-                batch["mask"][r].to(dev),
+                labels,
+                old,
+                adv,
+                m,
                 temperature=cfg.rollout.temperature,
                 backend=cfg.objective.backend,
                 inplace_grad=True,
@@ -308,7 +315,8 @@ class Trainer:
         sampling = SamplingConfig(temperature=cfg.rollout.temperature, logprobs_k=1)
         res = self.engine.generate([GenRequest(prompt_ids, n, seed)], sampling, [])[0]
         ids = torch.tensor([prompt_ids + res.token_ids])
-        logits = self.policy.logits(ids, torch.ones_like(ids)).float() / cfg.rollout.temperature
+        logits, _ = self.policy.logits(ids, torch.ones_like(ids))
+        logits = logits.float() / cfg.rollout.temperature
         lp = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], -1)
         ref = lp.gather(-1, torch.tensor(res.token_ids, device=lp.device)[:, None])[:, 0].cpu()
         diff = (torch.tensor(res.logprobs) - ref).abs().max().item() if res.token_ids else 0.0
