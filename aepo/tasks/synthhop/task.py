@@ -18,7 +18,7 @@ from aepo.tasks.synthhop.tokenizer import build_tokenizer
 
 @dataclass(frozen=True)
 class SFTRecipe:
-    steps: int = 500  # optimizer steps
+    steps: int = 1000  # optimizer steps
     batch_size: int = 64  # examples per step
     lr: float = 3e-3  # peak learning rate
     multi_hop_frac: float = 0.02  # share of 2-hop gold examples (leaves RL headroom)
