@@ -26,7 +26,8 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-demo: bench
+demo: $(STAMP)
+	DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python -m aepo.demo
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_logprobs_entropy.py

@@ -82,6 +82,29 @@ def table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def compare_table(run_dir: Path, modes, results) -> str:
+    """Held-out EM plus training-time entropy, tool use and group diversity per mode."""
+    from aepo.train.metrics import read_metrics
+
+    lines = ["| mode | EM 1-hop | EM 2-hop | entropy first -> last | tool calls / traj | "
+             "distinct / group |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for mode in modes:
+        rows = read_metrics(run_dir / f"rl_{mode}")
+        tail = rows[-max(1, len(rows) // 5) :]
+
+        def mean(key, rs=tail):
+            vals = [r[key] for r in rs if r.get(key) is not None]
+            return sum(vals) / max(len(vals), 1)
+
+        r = results[mode]
+        lines.append(
+            f"| {mode} | {100 * r['em_1hop']:.1f} | {100 * r['em_2hop']:.1f} | "
+            f"{mean('entropy', rows[:1]):.3f} -> {mean('entropy'):.3f} | "
+            f"{mean('tool_calls_per_traj'):.2f} | {mean('distinct_per_group'):.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -114,6 +137,7 @@ def main(argv=None) -> dict:
     t_rl = time.perf_counter() - t1
     if args.compare:
         plot_compare({m: args.run_dir / f"rl_{m}" for m in modes}, args.run_dir / "compare.png")
+        print("\n" + compare_table(args.run_dir, modes, results))
     return summarise(args, results, {"sft_s": t_sft, "rl_s": t_rl,
                                      "total_s": time.perf_counter() - t0})  # fmt: skip
 

@@ -33,8 +33,10 @@ def test_demo_pipeline_quick(tmp_path):
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("demo: 2-hop EM sft=") and last.endswith(("target met", "target missed"))
     summary = json.loads((tmp_path / "summary.json").read_text())
-    for stage in ("sft", "aepo"):
+    for stage in ("sft", "flat", "arpo", "aepo"):
         assert summary["results"][stage]["n_2hop"] == 16
+    assert (tmp_path / "compare.png").stat().st_size > 0
+    assert "| aepo |" in proc.stdout and "distinct / group" in proc.stdout
     rows = [
         json.loads(x) for x in (tmp_path / "rl_aepo" / "metrics.jsonl").read_text().split("\n") if x
     ]
