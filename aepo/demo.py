@@ -55,6 +55,8 @@ def rl(args, model_path: Path, run_dir: Path, mode: str) -> Path:
     """One ``aepo train`` run in a subprocess (its own vLLM and DeepSpeed)."""
     overrides = [f"model.path={model_path}", f"run.dir={run_dir}", f"run.seed={args.seed}",
                  f"task.options.seed={args.seed}", f"rollout.mode={mode}"]  # fmt: skip
+    if mode != "aepo":  # the baselines: flat GRPO and ARPO train with the clipped GRPO loss
+        overrides.append("objective.objective=grpo")
     if args.quick:
         overrides += ["run.steps=1", "task.prompts_per_step=4", "optim.mini_batch_size=32"]
     cmd = [sys.executable, "-m", "aepo.cli", "train", str(args.config), *overrides,
