@@ -24,6 +24,7 @@ def test_demo_pipeline_quick(tmp_path):
         "-m",
         "aepo.demo",
         "--quick",
+        "--compare",
         "--run-dir",
         str(tmp_path),
         "logging.progress=false",
