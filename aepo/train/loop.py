@@ -256,7 +256,7 @@ class Trainer:
                 batch["entropy"][rows], mask, norm="batch", process_group=group
             )
         normalizer = self._normalizer(mask)
-        logged: dict[str, list[float]] = {}
+        logged: dict[str, list[torch.Tensor]] = {}
         micro = cfg.optim.micro_batch_size
         for lo in range(rows.start, rows.start + mask.shape[0], micro):
             r = slice(lo, lo + micro)
@@ -284,8 +284,9 @@ class Trainer:
             self.policy.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
             self.policy.step()
             for key, value in {"loss": loss, **metrics}.items():
-                logged.setdefault(key, []).append(float(value))
-        return {k: float(np.mean(v)) for k, v in logged.items()}
+                logged.setdefault(key, []).append(value.detach())
+        # one host sync per mini-batch, not one per metric per micro-batch
+        return {k: float(torch.stack(v).float().mean()) for k, v in logged.items()}
 
     def _normalizer(self, mask: torch.Tensor) -> float:
         """Global divisor of one mini-batch (all micro-batches and ranks), per aggregation."""
