@@ -376,31 +376,13 @@ def policy_loss(
             stats=entropy_stats,
         )
     dual = None if objective == "cispo" else clip_ratio_c
+    clip = {"objective": objective, "eps_low": eps_low, "eps_high": eps_high, "clip_ratio_c": dual}
     loss_t, ratio = per_token_policy_loss(
-        logp,
-        old_logp,
-        adv,
-        objective=objective,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        clip_ratio_c=dual,
-        gppo_beta_low=gppo_beta_low,
-        gppo_beta_high=gppo_beta_high,
+        logp, old_logp, adv, **clip, gppo_beta_low=gppo_beta_low, gppo_beta_high=gppo_beta_high
     )
     if entropy_coef != 0:
         loss_t = loss_t - entropy_coef * entropy
-    metrics = loss_metrics(
-        ratio,
-        adv,
-        logp,
-        old_logp,
-        mask,
-        objective=objective,
-        eps_low=eps_low,
-        eps_high=eps_high,
-        clip_ratio_c=dual,
-        entropy=entropy,
-    )
+    metrics = loss_metrics(ratio, adv, logp, old_logp, mask, **clip, entropy=entropy)
     if kl_coef != 0:
         delta = ref_logp - logp
         kl = torch.expm1(delta) - delta  # k3: exp(ref - logp) - (ref - logp) - 1

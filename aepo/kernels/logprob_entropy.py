@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from aepo.kernels import _buffers
+from aepo.kernels import _autograd, _buffers
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -292,30 +292,14 @@ def logprobs_entropy_bwd(
 def _setup_context(ctx, inputs, output) -> None:
     logits, labels, inv_temperature, ignore_index, inplace_grad = inputs
     _, entropy, m, log_s = output
-    ctx.save_for_backward(logits, labels, m, log_s, entropy)
-    ctx.inv_temperature, ctx.ignore_index = inv_temperature, ignore_index
-    ctx.inplace_grad = inplace_grad
     ctx.mark_non_differentiable(m, log_s)
-    ctx.set_materialize_grads(False)
+    _autograd.save_for_backward(
+        ctx, logits, labels, m, log_s, entropy, inv_temperature, ignore_index, inplace_grad
+    )
 
 
 def _backward(ctx, grad_logp, grad_entropy, _grad_m, _grad_log_s):
-    logits, labels, m, log_s, entropy = ctx.saved_tensors
-    if grad_logp is None and grad_entropy is None:
-        return None, None, None, None, None
-    grad = logits.detach() if ctx.inplace_grad else _buffers.empty_like(logits)
-    logprobs_entropy_bwd(
-        logits,
-        labels,
-        m,
-        log_s,
-        entropy,
-        grad_logp,
-        grad_entropy,
-        grad,
-        ctx.inv_temperature,
-        ctx.ignore_index,
-    )
+    grad = _autograd.logits_grad(ctx, logprobs_entropy_bwd, grad_logp, grad_entropy)
     return grad, None, None, None, None
 
 

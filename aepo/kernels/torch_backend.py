@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from aepo.kernels import _buffers
+from aepo.kernels import _autograd, _buffers
 from aepo.kernels.reference import accumulator_dtype, backward_rows, forward_rows
 
 # Rows per chunk are chosen so one fp32 [chunk, V] buffer is about this size: big enough to
@@ -73,31 +73,14 @@ class _ChunkedLogpEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d, labels1d, inv_temperature, ignore_index, inplace_grad):
         logp, entropy, m, log_s = chunked_forward(logits2d, labels1d, inv_temperature, ignore_index)
-        ctx.save_for_backward(logits2d, labels1d, m, log_s, entropy)
-        ctx.inv_temperature = inv_temperature
-        ctx.ignore_index = ignore_index
-        ctx.inplace_grad = inplace_grad
-        ctx.set_materialize_grads(False)
+        _autograd.save_for_backward(
+            ctx, logits2d, labels1d, m, log_s, entropy, inv_temperature, ignore_index, inplace_grad
+        )
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
-        if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None
-        logits2d, labels1d, m, log_s, entropy = ctx.saved_tensors
-        grad = logits2d.detach() if ctx.inplace_grad else _buffers.empty_like(logits2d)
-        chunked_backward(
-            logits2d,
-            labels1d,
-            m,
-            log_s,
-            entropy,
-            grad_logp,
-            grad_entropy,
-            grad,
-            ctx.inv_temperature,
-            ctx.ignore_index,
-        )
+        grad = _autograd.logits_grad(ctx, chunked_backward, grad_logp, grad_entropy)
         return grad, None, None, None, None
 
 

@@ -7,6 +7,8 @@ weight update changes what vLLM samples and scores.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -120,7 +122,9 @@ def test_update_weights_changes_samples_and_scores(vllm_engine, hf):
             gen = torch.Generator().manual_seed(0)
             for p in model.parameters():
                 p.add_(torch.randn(p.shape, generator=gen) * 0.3)
-        vllm_engine.update_weights(model.named_parameters())
+        with _captured(vllm_reload_logger()) as records:
+            vllm_engine.update_weights(model.named_parameters())
+        assert not [r.getMessage() for r in records if "Failed to load" in r.getMessage()]
         after = vllm_engine.generate(request, sampling, ["</answer>"])[0]
         assert after.token_ids != before.token_ids or after.logprobs != before.logprobs
         from aepo.rollout.trajectory import Trajectory
@@ -161,3 +165,40 @@ def test_update_weights_with_tied_embeddings(tmp_path):
     t.add_sampled(res.token_ids, res.logprobs, res.entropies)
     ref = _hf_logprobs(model, t, temperature=1.0)
     assert (torch.tensor(res.logprobs) - ref).abs().max().item() <= 1e-4
+
+
+def vllm_reload_logger() -> logging.Logger:
+    from aepo.rollout.engines.vllm import _RELOAD_LOGGER
+
+    return logging.getLogger(_RELOAD_LOGGER)
+
+
+class _captured:
+    """Collect the records that get past ``logger``'s own filters."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.records = logger, []
+        self.handler = logging.Handler(logging.DEBUG)
+        self.handler.emit = self.records.append
+
+    def __enter__(self) -> list[logging.LogRecord]:
+        self.logger.addHandler(self.handler)
+        return self.records
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self.handler)
+
+
+@pytest.mark.parametrize(
+    ("layer", "dropped"),
+    [("RotaryEmbedding", True), ("Llama3RotaryEmbedding", True), ("QKVParallelLinear", False)],
+)
+def test_reload_filter_drops_only_the_rotary_warning(layer, dropped):
+    from aepo.rollout.engines.vllm import RotaryReloadFilter
+
+    def record(msg):
+        return logging.LogRecord("x", logging.WARNING, __file__, 1, msg, (layer,), None)
+
+    keep = RotaryReloadFilter().filter
+    assert keep(record("%s: Failed to load weights")) is not dropped
+    assert keep(record("%s: Delayed processing"))  # other messages about the layer pass

@@ -19,9 +19,10 @@ import uuid
 
 import pytest
 
-from aepo.rollout.tools import python_tool, sandbox
+from aepo.rollout.tools import python_tool
 from aepo.rollout.tools.base import Tool
 from aepo.rollout.tools.python_tool import PythonTool, SandboxUnavailable
+from aepo.rollout.tools.sandbox import cgroups, host
 
 TIMEOUT_S = 2.0
 GRACE_S = 2.0  # setup (~0.2 s idle, more on a loaded machine) + teardown beyond timeout_s
@@ -418,7 +419,7 @@ def test_per_call_cgroups_are_removed(require_sandbox: None) -> None:
     assert tool("print(1)").ok
     prefix = f"aepo-py-{os.getpid()}-"
     for controller in ("pids", "memory"):
-        parent = sandbox._own_cgroup_dir(controller)
+        parent = cgroups.own_cgroup_dir(controller)
         assert parent is not None
         assert not [d for d in os.listdir(parent) if d.startswith(prefix)]
 
@@ -453,12 +454,12 @@ def test_concurrent_calls_are_independent(require_sandbox: None) -> None:
 
 
 def test_refuses_when_isolation_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    monkeypatch.setattr(host.shutil, "which", lambda name: None)
     with pytest.raises(SandboxUnavailable, match="unshare"):
         PythonTool()
     assert not PythonTool.available()
     monkeypatch.undo()
-    monkeypatch.setattr(sandbox.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
     with pytest.raises(SandboxUnavailable, match="root"):
         PythonTool(isolation="namespaces")
     with pytest.raises(ValueError, match="isolation"):

@@ -8,6 +8,7 @@ trainer's importance ratio divides by; the top-k of them feed :func:`topk_entrop
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,28 @@ from dataclasses import dataclass
 import torch
 
 from aepo.rollout.engines.base import GenRequest, GenResult, SamplingConfig, topk_entropy
+
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+
+class RotaryReloadFilter(logging.Filter):
+    """Drops vLLM's per-sync "RotaryEmbedding: Failed to load weights" warning.
+
+    Rotary layers hold only a cos/sin cache buffer, never a trained parameter, so a weight sync
+    has nothing to send them and vLLM correctly keeps their tensors; the warning would repeat on
+    every training step. The same warning for any other layer still gets through.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        rotary = bool(args) and str(args[0]).endswith("RotaryEmbedding")
+        return not (record.msg == "%s: Failed to load weights" and rotary)
+
+
+def _install_reload_filter() -> None:
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, RotaryReloadFilter) for f in logger.filters):
+        logger.addFilter(RotaryReloadFilter())
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,7 @@ class VLLMEngine:
         vLLM's CPU backend repacks linear weights at load time, so in-place edits of its
         parameters do not take; ``reload_weights`` runs its loader again.
         """
+        _install_reload_filter()
         weights = [(name, t.detach()) for name, t in named_tensors]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.collective_rpc(_refresh_tied_lm_head)
