@@ -37,11 +37,12 @@ def evaluate(engine, tokenizer, tools: Mapping, samples: Sequence[Mapping], rewa
             res = reward(tokenizer.decode(t.response_ids, skip_special_tokens=True), sample)
             row = (res.em, res.f1, float(res.format_ok), float(len(t.tool_calls)))
             per_group["all"].append(row)
-            per_group[_label(group_by, sample.get(group_by))].append(row)
+            per_group[group_label(group_by, sample.get(group_by))].append(row)
     return _summarise(per_group)
 
 
-def _label(group_by: str, value) -> str:
+def group_label(group_by: str, value) -> str:
+    """Metric-name suffix of one group: ``2hop`` for hops=2, else ``<field>=<value>``."""
     return f"{value}hop" if group_by == "hops" else f"{group_by}={value}"
 
 

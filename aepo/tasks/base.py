@@ -14,6 +14,9 @@ Sample = Mapping[str, Any]  # at least "prompt" (text) and what the reward reads
 
 
 class Task(Protocol):
+    """Optional class attribute ``metric_group``: a sample field (e.g. ``"hops"``) by whose
+    values the trainer also logs exact match (``em_1hop``, ``em_2hop``, ...)."""
+
     name: str
     reward: RewardFn  # (response_text, sample) -> RewardResult
 

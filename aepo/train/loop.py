@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aepo.evaluate import group_label
 from aepo.kernels import fused_policy_loss, logprobs_and_entropy
 from aepo.objectives import entropy_statistics, group_advantages
 from aepo.rollout.branching import BranchConfig
@@ -87,6 +88,8 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         self.task = get_task(cfg.task.name, cfg.task.options)
         self.samples = list(self.task.samples("train"))
+        self.group_key = getattr(self.task, "metric_group", None)
+        self.groups = sorted({s[self.group_key] for s in self.samples}) if self.group_key else []
         model_path = self._model_path()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         per_rank = cfg.task.prompts_per_step * cfg.rollout.k
@@ -176,7 +179,7 @@ class Trainer:
             **_rollout_metrics(out),
             "sync_logprob_diff": sync_diff,
         }
-        metrics = self._mean_over_ranks(metrics)
+        metrics = finish_group_means(self._mean_over_ranks(metrics))
         metrics |= {
             "time_rollout": t1 - t0,
             "time_train": t2 - t1,
@@ -192,13 +195,18 @@ class Trainer:
             res = self.task.reward(text, samples[t.prompt])
             t.reward = res.reward
             results.append(res)
-        return {
+        out = {
             "reward_mean": float(np.mean([r.reward for r in results])),
             "reward_std": float(np.std([r.reward for r in results])),
             "em": float(np.mean([r.em for r in results])),
             "f1": float(np.mean([r.f1 for r in results])),
             "format_ok": float(np.mean([r.format_ok for r in results])),
         }
+        if self.group_key:
+            values = [samples[t.prompt][self.group_key] for t in trajectories]
+            em = [r.em for r in results]
+            out |= group_sums(em, values, self.groups, self.group_key)
+        return out
 
     def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.world == 1:
@@ -347,6 +355,31 @@ def _shifted(tb) -> dict[str, torch.Tensor]:
         "rewards": tb.rewards,
         "group_ids": tb.group_ids,
     }
+
+
+def group_sums(em: list[float], values: list, groups: list, group_key: str) -> dict[str, float]:
+    """Per-group exact-match sums and counts, as ``_sum/em_<g>`` / ``_count/em_<g>`` entries.
+
+    Every rank reports every group of the task (count 0 where its batch has none), so the keys
+    agree across ranks; :func:`finish_group_means` divides after the cross-rank mean.
+    """
+    out = {}
+    for g in groups:
+        hits = [e for e, v in zip(em, values, strict=True) if v == g]
+        key = "em_" + group_label(group_key, g)
+        out[f"_sum/{key}"], out[f"_count/{key}"] = float(sum(hits)), float(len(hits))
+    return out
+
+
+def finish_group_means(metrics: dict[str, float]) -> dict[str, float]:
+    """Replace each ``_sum/K`` + ``_count/K`` pair by ``K`` = sum / count (nan when empty)."""
+    out = {k: v for k, v in metrics.items() if not k.startswith(("_sum/", "_count/"))}
+    for key, total in metrics.items():
+        if key.startswith("_sum/"):
+            name = key[len("_sum/") :]
+            count = metrics[f"_count/{name}"]
+            out[name] = total / count if count > 0 else float("nan")
+    return out
 
 
 def _masked_mean_abs(x: torch.Tensor, mask: torch.Tensor) -> float:

@@ -19,6 +19,7 @@ from typing import Any
 from aepo.train.metrics import read_metrics
 
 EVAL_PREFIX = "eval/"
+GROUP_PREFIX = "em_"
 DEFAULT_COMPARE_KEYS = ("reward_mean", "entropy", "tool_calls_per_traj", "distinct_per_group")
 
 
@@ -48,6 +49,7 @@ PANELS = (
 )
 OVERVIEW = (
     "reward",
+    "em_groups",
     "entropy",
     "clip_frac",
     "tool_calls",
@@ -77,12 +79,16 @@ def _has(rows: Sequence[Mapping[str, Any]], key: str) -> bool:
 
 
 def present_panels(rows: Sequence[Mapping[str, Any]]) -> list[Panel]:
-    """The panels with data, plus one for all eval/* metrics when there are any."""
+    """The panels with data, plus one for per-group exact match (``em_<group>``, from a task's
+    ``metric_group``) and one for all eval/* metrics when there are any."""
     panels = [p for p in PANELS if any(_has(rows, k) for k in _required(p))]
-    eval_keys = sorted({k for r in rows for k in r if k.startswith(EVAL_PREFIX)})
-    eval_keys = [k for k in eval_keys if _has(rows, k)]
+    names = sorted({k for r in rows for k in r})
+    group_keys = tuple(k for k in names if k.startswith(GROUP_PREFIX) and _has(rows, k))
+    if group_keys:
+        panels.append(Panel("em_groups", "Training exact match by group", "fraction", group_keys))
+    eval_keys = tuple(k for k in names if k.startswith(EVAL_PREFIX) and _has(rows, k))
     if eval_keys:
-        panels.append(Panel("eval", "Evaluation", "score", tuple(eval_keys)))
+        panels.append(Panel("eval", "Evaluation", "score", eval_keys))
     return panels
 
 
@@ -121,11 +127,41 @@ def _marker(n_points: int) -> str | None:
     return "o" if n_points <= 30 else None
 
 
+def smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average: element i is the mean of values[max(0, i-window+1) : i+1]."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def smoothing_window(n_points: int) -> int:
+    """About a twelfth of the run, so per-step noise averages out but trends stay visible."""
+    return max(1, n_points // 12) if n_points > 30 else 1
+
+
+def _plot_curve(ax: Any, steps: list[int], values: list[float], **style: Any) -> None:
+    """Short curves as dots; long ones as a faint raw line under a trailing moving average."""
+    window = smoothing_window(len(steps))
+    if window == 1:
+        ax.plot(steps, values, marker=_marker(len(steps)), markersize=3, **style)
+        return
+    label = style.pop("label", None)
+    (raw,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8, **style)
+    style.setdefault("color", raw.get_color())
+    ax.plot(steps, smooth(values, window), label=f"{label} (avg {window})", **style)
+
+
 def _draw_lines(ax: Any, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
     for key in keys:
         steps, values = series(rows, key)
         if steps:
-            ax.plot(steps, values, label=key, marker=_marker(len(steps)), markersize=3)
+            _plot_curve(ax, steps, values, label=key)
 
 
 def _draw_band(ax: Any, rows: Sequence[Mapping[str, Any]], mean_key: str, std_key: str) -> None:
@@ -206,7 +242,7 @@ def plot_compare(
         for i, (label, rows) in enumerate(tables.items()):
             steps, values = series(rows, key)
             if steps:
-                ax.plot(steps, values, label=label, color=f"C{i}", marker=_marker(len(steps)))
+                _plot_curve(ax, steps, values, label=label, color=f"C{i}")
         _decorate(ax, TITLES.get(key, key), key)
         ax.legend(fontsize="small")
     out = Path(out_path)

@@ -43,5 +43,11 @@ def test_demo_pipeline_quick(tmp_path):
     ]
     assert len(rows) == 1 and rows[0]["sync_logprob_diff"] <= 1e-4
     assert rows[0]["grad_norm"] > 0  # ZeRO stage 0 (examples/synthhop.yaml) logs it too
+    # SynthHop's metric_group: training EM per hop count of the RL mix (null when a step drew
+    # no question of that count).
+    per_hop = [rows[0][f"em_{h}hop"] for h in (1, 2)]
+    assert "em_3hop" not in rows[0] and any(v is not None for v in per_hop)
+    assert all(0.0 <= v <= 1.0 for v in per_hop if v is not None)
+    assert (tmp_path / "rl_aepo" / "plots" / "em_groups.png").is_file()
     assert (tmp_path / "rl_aepo" / "final_model" / "model.safetensors").is_file()
     assert (tmp_path / "rl_aepo" / "plots" / "reward.png").is_file()

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from aepo.train.metrics import METRICS_FILE, MetricsLogger, format_compact, read_metrics
-from aepo.train.plot import dedupe_steps, main, plot_compare, plot_run
+from aepo.train.plot import (
+    dedupe_steps,
+    main,
+    plot_compare,
+    plot_run,
+    smooth,
+    smoothing_window,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -208,6 +215,14 @@ def test_plot_run_writes_present_groups_only(tmp_path):
     assert on_disk == set(names)
 
 
+def test_plot_run_adds_a_per_group_exact_match_panel(tmp_path):
+    _log_steps(tmp_path, range(4), make=lambda s: {"em": 0.5, "em_1hop": 0.9, "em_2hop": 0.1 * s})
+    names = [p.name for p in plot_run(tmp_path)]
+    assert "em_groups.png" in names and "accuracy.png" in names
+    _log_steps(tmp_path / "none", range(4), make=lambda s: {"em": 0.5, "em_2hop": None})
+    assert "em_groups.png" not in [p.name for p in plot_run(tmp_path / "none")]
+
+
 def test_plot_run_overview_falls_back_to_minor_groups(tmp_path):
     _log_steps(tmp_path, range(3), make=lambda s: {"loss": float(s)})
     paths = plot_run(tmp_path, tmp_path / "out")
@@ -234,6 +249,24 @@ def test_plot_compare_overlays_runs(tmp_path):
     _assert_png(out)
     with pytest.raises(ValueError, match="none of the runs"):
         plot_compare({"flat": tmp_path / "flat"}, tmp_path / "x.png", keys=("absent",))
+
+
+@pytest.mark.parametrize("window", [1, 3, 7, 50])
+def test_smooth_is_a_trailing_mean(window):
+    values = np.random.default_rng(window).normal(size=40)
+    expected = [values[max(0, i - window + 1) : i + 1].mean() for i in range(len(values))]
+    np.testing.assert_allclose(smooth(list(values), window), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_smoothing_window_only_for_long_curves():
+    assert smoothing_window(30) == 1 and smoothing_window(120) == 10
+    with pytest.raises(ValueError, match="window"):
+        smooth([1.0], 0)
+
+
+def test_plot_compare_long_runs(tmp_path):
+    _log_steps(tmp_path / "a", range(120), make=lambda s: {"reward_mean": (s % 7) / 7})
+    _assert_png(plot_compare({"a": tmp_path / "a"}, tmp_path / "c.png"))
 
 
 def test_main_plots_a_run_dir(tmp_path, capsys):

@@ -33,6 +33,7 @@ class SynthHopTask:
     sft: :class:`SFTRecipe` fields as a dict."""
 
     name = "synthhop"
+    metric_group = "hops"  # the trainer logs training exact match per hop count (em_2hop, ...)
 
     def __init__(self, seed: int = 0, rl_hops: tuple[int, ...] = (1, 2), sft: dict | None = None,
                  kb: dict | None = None):  # fmt: skip
