@@ -113,7 +113,10 @@ class PolicyEngine:
         )
         self.bucket_bytes = cfg.deepspeed.sync_bucket_mb << 20
         self.packed = cfg.model.attn_implementation == "flash_attention_2"
-        self._stage0_norm: float | None = None
+        # DeepSpeed's fp32 stage-0 path clips but drops the norm it computed: keep our own.
+        zero_stage = self.ds_config["zero_optimization"]["stage"]
+        self._own_norm = zero_stage == 0 and not self.ds_config["bf16"]["enabled"]
+        self._last_norm: torch.Tensor | None = None
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Logits of a right-padded [B, L] batch (ZeRO-3 gathers each layer on the fly).
@@ -138,18 +141,16 @@ class PolicyEngine:
 
     def step(self) -> None:
         """Optimizer step at the accumulation boundary (DeepSpeed counts micro-batches)."""
-        stage0 = self.ds_config["zero_optimization"]["stage"] == 0
-        if stage0 and self.engine.is_gradient_accumulation_boundary():
-            # DeepSpeed's fp32 stage-0 path clips but drops the norm it computed.
+        if self._own_norm and self.engine.is_gradient_accumulation_boundary():
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            self._stage0_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+            self._last_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.engine.step()
 
     def grad_norm(self) -> float:
         """Global gradient norm (before clipping) of the last optimizer step; nan before one."""
         norm = self.engine.get_global_grad_norm()
-        if norm is None:
-            norm = self._stage0_norm
+        if norm is None and self._last_norm is not None:
+            norm = self._last_norm.item()  # one host sync per logged step, not per optimizer step
         return float(norm) if norm is not None else float("nan")
 
     def gathered_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:

@@ -154,7 +154,8 @@ def _plot_curve(ax: Any, steps: list[int], values: list[float], **style: Any) ->
     label = style.pop("label", None)
     (raw,) = ax.plot(steps, values, alpha=0.25, linewidth=0.8, **style)
     style.setdefault("color", raw.get_color())
-    ax.plot(steps, smooth(values, window), label=f"{label} (avg {window})", **style)
+    label = None if label is None else f"{label} (avg {window})"
+    ax.plot(steps, smooth(values, window), label=label, **style)
 
 
 def _draw_lines(ax: Any, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:

@@ -82,6 +82,7 @@ class VLLMEngine:
         if c.block_size and on_gpu:
             kwargs["block_size"] = c.block_size
         self.llm = LLM(**(kwargs | llm_kwargs))
+        _install_reload_filter()  # update_weights would log a rotary warning on every sync
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
     def generate(
@@ -114,7 +115,6 @@ class VLLMEngine:
         vLLM's CPU backend repacks linear weights at load time, so in-place edits of its
         parameters do not take; ``reload_weights`` runs its loader again.
         """
-        _install_reload_filter()
         weights = [(name, t.detach()) for name, t in named_tensors]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.collective_rpc(_refresh_tied_lm_head)
