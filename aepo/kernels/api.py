@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from aepo.kernels import _launch
 from aepo.kernels._checks import check_logits_labels, check_temperature
-from aepo.kernels.logprob_entropy import INTERPRET, logprobs_entropy_fwd
+from aepo.kernels.logprob_entropy import logprobs_entropy_fwd
 from aepo.kernels.torch_backend import torch_logprobs_and_entropy
 
 BACKENDS = ("auto", "triton", "torch")
@@ -15,11 +16,13 @@ def resolve_backend(backend: str, logits: torch.Tensor) -> str:
     """Map ``backend`` to "triton" or "torch" for these logits, or raise naming the problem.
 
     "auto" is triton on CUDA (and on CPU under TRITON_INTERPRET=1), torch otherwise and for
-    float64 (the kernels accumulate in fp32).
+    float64 (the kernels accumulate in fp32). Inside the compile gate's
+    ``record_launches(run=False)`` CPU tensors count as a Triton device: nothing runs there.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    triton_device = logits.is_cuda or (logits.device.type == "cpu" and INTERPRET)
+    on_cpu = logits.device.type == "cpu"
+    triton_device = logits.is_cuda or (on_cpu and (_launch.INTERPRET or _launch.recording_only()))
     if backend == "auto":
         return "triton" if triton_device and logits.dtype != torch.float64 else "torch"
     if backend == "triton":
@@ -85,3 +88,14 @@ def logprobs_and_entropy(
         logits, labels, inv_temperature, ignore_index, inplace_grad
     )
     return logp, entropy
+
+
+@_launch.gate_exercise
+def _gate_exercise(dtype: torch.dtype) -> None:
+    """Forward, and the backward with a gradient on logp, on the entropy, and on both."""
+    for logits in _launch.gate_logits(dtype):
+        labels = torch.zeros(logits.shape[:-1], dtype=torch.long)
+        for wrt in ((0,), (1,), (0, 1)):
+            x = logits.clone().requires_grad_()
+            outs = logprobs_and_entropy(x, labels, backend="triton")
+            torch.autograd.grad(sum(outs[i].sum() for i in wrt), x)

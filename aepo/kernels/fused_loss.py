@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from aepo.kernels import _buffers
+from aepo.kernels import _buffers, _launch
 from aepo.kernels._checks import check_logits_labels, check_temperature
 from aepo.kernels.api import resolve_backend
 from aepo.kernels.logprob_entropy import logprobs_entropy_bwd, logprobs_entropy_fwd
@@ -133,3 +133,18 @@ def fused_policy_loss(
         inplace_grad,
     )
     return loss, metrics
+
+
+@_launch.gate_exercise
+def _gate_exercise(dtype: torch.dtype) -> None:
+    """The fused loss with and without an entropy bonus (backward without / with dL/dH)."""
+    for logits in _launch.gate_logits(dtype):
+        shape = logits.shape[:-1]
+        labels = torch.zeros(shape, dtype=torch.long)
+        old_logp, advantages, mask = torch.zeros(shape), torch.ones(shape), torch.ones(shape)
+        for entropy_coef in (0.0, 0.01):
+            x = logits.clone().requires_grad_()
+            loss, _ = fused_policy_loss(
+                x, labels, old_logp, advantages, mask, backend="triton", entropy_coef=entropy_coef
+            )
+            loss.backward()

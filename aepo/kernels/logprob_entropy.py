@@ -9,19 +9,16 @@ Math and notation: :mod:`aepo.kernels.reference` (the plain-torch twin of these 
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from aepo.kernels import _autograd, _buffers
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from aepo.kernels._launch import INTERPRET, launch
 
 # Sentinel below every finite fp32 logit: starting the running max here keeps exp(m - m_new)
 # finite when a whole block is -inf (masked vocabulary), where -inf would give NaN.
-_NEG_BIG = -3.0e38
+_NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)
 
 
 @triton.jit
@@ -132,17 +129,24 @@ def _logp_entropy_bwd_kernel(
         tl.store(gbase + idx, (dz * inv_t).to(out_ty), mask=mask)
 
 
+# GPU launch configuration per logits element size: (BLOCK_V, num_warps), 16 KiB of input per
+# loop iteration whatever the vocabulary (a small vocabulary only masks lanes), so the compile
+# gate sees every configuration the launchers can produce.
+GPU_CONFIGS = {4: (4096, 8), 2: (8192, 8)}
+
 # The interpreter pays ~1 ms per block iteration, so it gets big blocks (tests lower this to
 # exercise the multi-block online accumulation).
 INTERPRET_MAX_BLOCK = 16384
 
 
-def launch_config(vocab: int, element_size: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps): on GPU a block of 16 KiB of input per loop iteration."""
-    if INTERPRET:
-        return min(triton.next_power_of_2(vocab), INTERPRET_MAX_BLOCK), 1
-    block = min(triton.next_power_of_2(vocab), 16384 // element_size)
-    return block, 8 if block >= 2048 else 4
+def launch_config(element_size: int) -> dict:
+    """GPU launch keywords (BLOCK_V, num_warps) for logits of this element size."""
+    block, warps = GPU_CONFIGS[element_size]
+    return {"BLOCK_V": block, "num_warps": warps}
+
+
+def _interpret_block(vocab: int) -> dict:
+    return {"BLOCK_V": min(triton.next_power_of_2(vocab), INTERPRET_MAX_BLOCK)}
 
 
 def rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
@@ -188,10 +192,6 @@ def _register_op(name: str, mutates_args: tuple[str, ...], fake):
     return wrap
 
 
-def _launch(kernel):
-    return kernel if INTERPRET else torch.library.wrap_triton(kernel)
-
-
 def _fwd_fake(logits, labels, inv_temperature, ignore_index, inplace_grad):
     return tuple(logits.new_empty(labels.shape, dtype=torch.float32) for _ in range(4))
 
@@ -215,8 +215,9 @@ def logprobs_entropy_fwd(
     n = labels.numel()
     if n:
         x, t, stride_b, stride_t = rows_view(logits)
-        block, warps = launch_config(logits.shape[-1], logits.element_size())
-        _launch(_logp_entropy_fwd_kernel)[(n,)](
+        launch(
+            _logp_entropy_fwd_kernel,
+            (n,),
             x,
             labels.contiguous(),
             *outs,
@@ -226,8 +227,8 @@ def logprobs_entropy_fwd(
             logits.shape[-1],
             inv_temperature,
             ignore_index,
-            BLOCK_V=block,
-            num_warps=warps,
+            interpret=_interpret_block(logits.shape[-1]),
+            **launch_config(logits.element_size()),
         )
     return outs
 
@@ -263,8 +264,9 @@ def logprobs_entropy_bwd(
         raise ValueError("grad_logits must have rows addressable in place (last dim contiguous)")
     glp = None if grad_logp is None else grad_logp.float().reshape(-1).contiguous()
     gh = None if grad_entropy is None else grad_entropy.float().reshape(-1).contiguous()
-    block, warps = launch_config(logits.shape[-1], logits.element_size())
-    _launch(_logp_entropy_bwd_kernel)[(n,)](
+    launch(
+        _logp_entropy_bwd_kernel,
+        (n,),
         x,
         g,
         labels.contiguous(),
@@ -284,8 +286,8 @@ def logprobs_entropy_bwd(
         ignore_index,
         HAS_LOGP_GRAD=glp is not None,
         HAS_ENTROPY_GRAD=gh is not None,
-        BLOCK_V=block,
-        num_warps=warps,
+        interpret=_interpret_block(logits.shape[-1]),
+        **launch_config(logits.element_size()),
     )
 
 

@@ -1,0 +1,244 @@
+"""Compile gate: every Triton kernel of :mod:`aepo.kernels`, compiled for real GPU targets, no GPU.
+
+Triton's interpreter (how the tests run the kernels on CPU) accepts code the compiler refuses,
+so this gate compiles each kernel ahead of time with Triton's own compiler (the wheel ships
+``ptxas`` and the AMD linker) for CUDA sm_80 / sm_90 / sm_100 and ROCm gfx942.
+
+What it compiles comes from the launch code itself: the registered exercises
+(:func:`aepo.kernels._launch.gate_exercise`) call the real public functions on small CPU
+tensors of every supported dtype inside ``record_launches(run=False)``; each recorded launch is
+specialised with the target backend's own argument binder (dtypes, 16-divisibility, constexprs,
+``num_warps``) exactly as a launch on that GPU would be, and compiled. A ``*_kernel`` function in
+``aepo.kernels`` that no exercise launches fails the gate, so new kernels are covered as soon
+as they exist. Each compile also reports its resources (registers, spills, shared memory).
+
+    python -m aepo.kernels.compile_gate [--targets sm_90 gfx942] [--json out.json]
+
+Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import multiprocessing
+import pkgutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+import torch
+import triton
+
+import aepo.kernels
+from aepo.kernels import _launch, _resources
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TARGETS = {
+    "sm_80": ("cuda", 80, 32),
+    "sm_90": ("cuda", 90, 32),
+    "sm_100": ("cuda", 100, 32),
+    "gfx942": ("hip", "gfx942", 64),
+}
+KERNEL_SUFFIX = "_kernel"  # launchable kernels; other @triton.jit functions are helpers
+
+
+@dataclass
+class Variant:
+    """One specialisation of a kernel for one target, as its launch would compile it."""
+
+    module: str
+    kernel: str
+    target: str
+    signature: dict  # argument name -> Triton type ("*bf16", "i32", "constexpr", ...)
+    constexprs: dict  # argument name -> value
+    attrs: list  # [argument name, [[attribute, value], ...]] (e.g. tt.divisibility 16)
+    options: dict  # backend options (num_warps, num_stages, ...)
+
+    def label(self) -> str:
+        """kernel [pointer dtypes; constexprs; warps] for messages and the report."""
+        ptrs = sorted({t[1:] for t in self.signature.values() if t.startswith("*")})
+        consts = ", ".join(f"{k}={v}" for k, v in self.constexprs.items())
+        return f"{self.kernel} [{'/'.join(ptrs)}; {consts}; num_warps={self.options['num_warps']}]"
+
+    def divisible_ints(self) -> list[str]:
+        """Integer arguments Triton specialised as multiples of 16 (vectorised addressing)."""
+        div = {name for name, values in self.attrs if ["tt.divisibility", 16] in values}
+        return [n for n, t in self.signature.items() if t[0] in "iu" and n in div]
+
+    def key(self) -> str:
+        """Identity for de-duplication: equal keys compile to the same binary."""
+        parts = [self.module, self.kernel, self.target, self.signature, repr(self.constexprs)]
+        return json.dumps([*parts, self.attrs, self.options], sort_keys=True, default=str)
+
+
+@dataclass
+class Result:
+    variant: Variant
+    ok: bool
+    error: str = ""
+    seconds: float = 0.0
+    resources: dict = field(default_factory=dict)
+
+
+def import_kernel_modules(extra: tuple[str, ...] = ()) -> list:
+    """Import every module of aepo.kernels (and ``extra`` modules); return them."""
+    names = [f"aepo.kernels.{m.name}" for m in pkgutil.iter_modules(aepo.kernels.__path__)]
+    return [importlib.import_module(n) for n in (*names, *extra)]
+
+
+def find_kernels(modules) -> dict[tuple[str, str], object]:
+    """(module, name) -> kernel for each ``@triton.jit`` ``*_kernel`` defined in ``modules``
+    (a JITFunction; an InterpretedFunction under TRITON_INTERPRET)."""
+    found = {}
+    for mod in modules:
+        for name, obj in vars(mod).items():
+            fn = getattr(obj, "fn", None)
+            if (
+                isinstance(obj, triton.runtime.jit.KernelInterface)
+                and name.endswith(KERNEL_SUFFIX)
+                and getattr(fn, "__module__", None) == mod.__name__
+            ):
+                found[(mod.__name__, name)] = obj
+    return found
+
+
+def record(dtypes=DTYPES) -> list[_launch.Launch]:
+    """Run every registered exercise for every dtype, compile-only; return the launches."""
+    with _launch.record_launches(run=False) as log:
+        for exercise in _launch.exercises():
+            for dtype in dtypes:
+                exercise(dtype)
+    return log
+
+
+def specialize(launch: _launch.Launch, target: str) -> Variant:
+    """The variant ``launch`` compiles to on ``target``, from the backend's own binder."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget(*TARGETS[target]))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, spec, opts = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(
+        backend, launch.kwargs, bound, spec, opts
+    )
+    names = kernel.arg_names
+    return Variant(
+        module=kernel.fn.__module__,
+        kernel=kernel.fn.__name__,
+        target=target,
+        signature=dict(signature),
+        constexprs={names[path[0]]: value for path, value in constexprs.items()},
+        attrs=[[names[path[0]], value] for path, value in attrs.items() if value],
+        options={k: v for k, v in options.__dict__.items() if _plain(v)},
+    )
+
+
+def _plain(value) -> bool:
+    return isinstance(value, (int, float, str, bool, type(None)))
+
+
+def compile_variant(variant: Variant) -> Result:
+    """Compile one variant with Triton's compiler; never raises."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    kernel = getattr(importlib.import_module(variant.module), variant.kernel)
+    names = kernel.arg_names
+    constexprs = {(names.index(k),): v for k, v in variant.constexprs.items()}
+    attrs = {(names.index(k),): v for k, v in variant.attrs}
+    try:
+        src = ASTSource(kernel, variant.signature, constexprs, attrs)
+        target = GPUTarget(*TARGETS[variant.target])
+        compiled = triton.compile(src, target=target, options=dict(variant.options))
+        resources = _resources.of_compiled(compiled, variant.target, variant.options["num_warps"])
+    except Exception as exc:  # the gate reports every compiler failure, of any type
+        message = f"{type(exc).__name__}: {exc}".strip()
+        return Result(variant, False, message[-4000:], time.perf_counter() - start)
+    return Result(variant, True, "", time.perf_counter() - start, resources)
+
+
+def run_gate(targets=tuple(TARGETS), extra_modules=(), jobs: int = 2) -> dict:
+    """Record, specialise and compile everything; returns a JSON-ready report.
+
+    The report has ``results`` (one per variant and target), ``unlaunched`` (kernels no
+    exercise launched) and ``failures`` (human-readable lines; empty when the gate passes).
+    """
+    if _launch.INTERPRET:
+        raise RuntimeError("the compile gate needs TRITON_INTERPRET unset (it compiles kernels)")
+    start = time.perf_counter()
+    kernels = find_kernels(import_kernel_modules(tuple(extra_modules)))
+    launches = record()
+    variants: dict[str, Variant] = {}
+    for launch in launches:
+        for target in targets:
+            variant = specialize(launch, target)
+            variants.setdefault(variant.key(), variant)
+    launched = {(v.module, v.kernel) for v in variants.values()}
+    unlaunched = sorted(f"{m}:{k}" for m, k in kernels if (m, k) not in launched)
+    results = _compile_all(list(variants.values()), jobs)
+    failures = [f"{u} is never launched by a compile-gate exercise" for u in unlaunched]
+    failures += [
+        f"{r.variant.module}:{r.variant.label()} does not compile for {r.variant.target}: {r.error}"
+        for r in results
+        if not r.ok
+    ]
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "targets": list(targets),
+        "seconds": round(time.perf_counter() - start, 2),
+        "unlaunched": unlaunched,
+        "failures": failures,
+        "results": [_as_json(r) for r in results],
+    }
+
+
+def _as_json(result: Result) -> dict:
+    out = asdict(result)
+    out["label"], out["divisible"] = result.variant.label(), result.variant.divisible_ints()
+    return out
+
+
+def _compile_all(variants: list[Variant], jobs: int) -> list[Result]:
+    if jobs <= 1 or len(variants) < 2:
+        return [compile_variant(v) for v in variants]
+    # fork: the children inherit the imported kernel modules (including test-only extras).
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        return list(pool.map(compile_variant, variants))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--targets", nargs="+", choices=list(TARGETS), default=list(TARGETS))
+    p.add_argument("--also", nargs="*", default=[], help="extra modules holding kernels")
+    p.add_argument("--jobs", type=int, default=2, help="compiler processes")
+    p.add_argument("--json", help="write the full report here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    report = run_gate(tuple(args.targets), tuple(args.also), args.jobs)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    n_ok = sum(r["ok"] for r in report["results"])
+    print(
+        f"compile gate (Triton {report['triton']}): {n_ok}/{len(report['results'])} compiles "
+        f"passed for {', '.join(report['targets'])} in {report['seconds']:.1f} s"
+    )
+    for line in report["failures"]:
+        print("FAIL", line)
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Resource report of every shipped kernel launch configuration, for every GPU target.
+
+Runs the compile gate (:mod:`aepo.kernels.compile_gate`: no GPU needed) and writes
+``kernel_resources.json`` (the full gate report) and ``kernel_resources.md`` (one row per
+kernel variant and target: registers, spills, shared memory, and for CUDA the blocks per SM
+and occupancy those allow). Exits 1 when a kernel does not compile.
+
+    python benchmarks/kernel_resources.py [--out benchmarks/results] [--targets sm_90 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cuda_row(r: dict) -> str:
+    res, v = r["resources"], r["variant"]
+    smem = res["shared_static"] + res["shared_dynamic"]
+    return (
+        f"| {v['target']} | {r['label']} | {', '.join(r['divisible']) or '-'} | "
+        f"{res['registers']} | {res['local']} | {res['stack']} | {smem} | "
+        f"{res['blocks_per_sm']} | {100 * res['occupancy']:.1f}% ({res['occupancy_limiter']}) |"
+    )
+
+
+def _amd_row(r: dict) -> str:
+    res, v = r["resources"], r["variant"]
+    return (
+        f"| {v['target']} | {r['label']} | {', '.join(r['divisible']) or '-'} | "
+        f"{res['vgprs']} v / {res['sgprs']} s | {res['vgpr_spills'] + res['sgpr_spills']} | "
+        f"{res['scratch']} | {res['lds']} | - | {res['waves_per_simd']} waves/SIMD |"
+    )
+
+
+def render(report: dict) -> str:
+    """Markdown for a compile-gate report."""
+    lines = [
+        "# Kernel resources (compile gate, no GPU needed)",
+        "",
+        f"Triton {report['triton']}, torch {report['torch']}; written by "
+        "`python benchmarks/kernel_resources.py`. One row per launch variant the launchers "
+        "produce (dtype, constexprs, num_warps; Triton specialises integer arguments that are "
+        "multiples of 16, listed in the third column) and target. CUDA: registers per thread, "
+        "local memory (spills, bytes per thread), stack, shared memory per block (static + "
+        "dynamic), resident blocks per SM and occupancy with its limiter. ROCm: VGPRs / SGPRs, "
+        "spilled registers, scratch and LDS bytes, the compiler's waves per SIMD.",
+        "",
+        "| target | kernel [dtypes; constexprs; warps] | 16-divisible ints | registers | "
+        "spills / local B | stack B | shared B | blocks/SM | occupancy |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    ok = [r for r in report["results"] if r["ok"]]
+    for r in sorted(ok, key=lambda r: (r["variant"]["target"], r["label"])):
+        lines.append(_cuda_row(r) if r["variant"]["target"].startswith("sm_") else _amd_row(r))
+    if report["failures"]:
+        lines += ["", "## Failures", ""] + [f"- {f}" for f in report["failures"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    os.environ.pop("TRITON_INTERPRET", None)
+    from aepo.kernels import compile_gate
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--targets", nargs="+", default=list(compile_gate.TARGETS))
+    p.add_argument("--also", nargs="*", default=[], help="extra modules holding kernels")
+    args = p.parse_args(argv)
+    report = compile_gate.run_gate(tuple(args.targets), tuple(args.also))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernel_resources.json").write_text(json.dumps(report, indent=1, default=str))
+    (args.out / "kernel_resources.md").write_text(render(report))
+    print(f"{len(report['results'])} compiles, {len(report['failures'])} failures")
+    for line in report["failures"]:
+        print("FAIL", line)
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
