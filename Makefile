@@ -8,7 +8,11 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 EXTRAS ?= train,rollout-cpu,dev
 
-.PHONY: install test demo bench lint format clean
+# make gpu-check: on a CUDA machine, with the Python already there (nothing is installed).
+OUT    ?= benchmarks/results
+DRY_RUN ?=
+
+.PHONY: install test demo bench gpu-check lint format clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,7 +34,13 @@ demo: $(STAMP)
 	DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python -m aepo.demo
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_logprobs_entropy.py
+	$(BIN)/python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/kernels_cpu.json
+	$(BIN)/python benchmarks/render_bench.py benchmarks/results/kernels_cpu.json
+	$(BIN)/python benchmarks/kernel_resources.py
+
+gpu-check:
+	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(DRY_RUN),--dry-run)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

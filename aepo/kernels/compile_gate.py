@@ -124,9 +124,7 @@ def specialize(launch: _launch.Launch, target: str) -> Variant:
     backend = make_backend(GPUTarget(*TARGETS[target]))
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, spec, opts = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(
-        backend, launch.kwargs, bound, spec, opts
-    )
+    options, signature, constexprs, attrs = _pack(kernel, backend, launch.kwargs, bound, spec, opts)
     names = kernel.arg_names
     return Variant(
         module=kernel.fn.__module__,
@@ -137,6 +135,22 @@ def specialize(launch: _launch.Launch, target: str) -> Variant:
         attrs=[[names[path[0]], value] for path, value in attrs.items() if value],
         options={k: v for k, v in options.__dict__.items() if _plain(v)},
     )
+
+
+def _pack(kernel, backend, kwargs, bound, spec, opts):
+    """(options, signature, constexprs, attrs) of a bound launch, as JITFunction.run forms them."""
+    if hasattr(kernel, "_pack_args"):  # Triton >= 3.5
+        return kernel._pack_args(backend, kwargs, bound, spec, opts)
+    from triton._utils import find_paths_if, get_iterable_path  # Triton 3.3 / 3.4: inline in run
+
+    sigvals = [s[0] for s in spec]
+    signature = dict(zip([p.name for p in kernel.params], sigvals, strict=True))
+    paths = find_paths_if(sigvals, lambda _, val: val == "constexpr")
+    constexprs = {path: get_iterable_path(list(bound.values()), path) for path in paths}
+    attrvals = [s[1] for s in spec]
+    paths = find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+    attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path)) for path in paths}
+    return backend.parse_options(kwargs), signature, constexprs, attrs
 
 
 def _plain(value) -> bool:

@@ -1,0 +1,289 @@
+"""pytest-benchmark suite: per-token log-prob + entropy and the fused policy loss, with peers.
+
+Ops: ``fwd`` (logp and entropy of every token, with autograd recording), ``bwd`` (the backward
+of sum(g_lp * logp + g_h * entropy), forward untimed) and ``loss`` (AEPO policy loss with an
+entropy bonus, forward + backward). Implementations: ``naive`` (log_softmax + gather + softmax
+entropy in eager torch), ``compiled`` (``torch.compile`` of the same code, CUDA), ``aepo``
+(triton on CUDA, the chunked torch backend on CPU), ``aepo-inplace`` (gradient written into the
+logits), and Liger-Kernel's Triton ``cross_entropy`` and ``grpo_loss`` (CUDA, when importable;
+``loss`` only: see COMPUTES for what each computes). Every implementation reads the same
+contiguous [B, T, V] logits (``logits[:, :-1]`` of a [B, T+1, V] lm_head output), except
+Liger's GRPO loss, which takes the [B, T+1, V] tensor itself, as it expects.
+
+``extra_info`` of each benchmark: what it computes, bytes moved (fwd reads the logits once, bwd
+reads them and writes the gradient, loss does both), peak extra memory of the timed region
+(above the inputs: for bwd, above the state its forward left), and on CUDA the bandwidth floor
+(bytes / measured device copy bandwidth) and the ratio to it.
+
+    pytest benchmarks/bench_kernels.py --benchmark-json out.json              # CPU defaults
+    pytest benchmarks/bench_kernels.py --device cuda --n 16384 --vocab 151936 --dtype bf16
+    python benchmarks/render_bench.py out.json                                # markdown table
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from aepo.kernels import fused_policy_loss, logprobs_and_entropy, naive_logprobs_and_entropy
+from aepo.objectives import policy_loss
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+IMPLS = ("naive", "compiled", "aepo", "aepo-inplace", "liger-ce", "liger-grpo")
+OPS = ("fwd", "bwd", "loss")
+GPU_ONLY = {"compiled", "liger-ce", "liger-grpo"}
+LOSS_ONLY = {"liger-ce", "liger-grpo"}
+LOSS_KW = {"objective": "aepo", "entropy_coef": 0.01}
+COMPUTES = {
+    "naive": "logp + entropy (+ AEPO loss); autograd over [N, V] fp32 intermediates",
+    "compiled": "the naive code through torch.compile",
+    "aepo": "logp + entropy (+ AEPO loss with entropy bonus); one pass fwd, one pass bwd",
+    "aepo-inplace": "as aepo, gradient written into the logits' storage",
+    "liger-ce": "Liger cross entropy: logp only (no entropy, no policy loss); gradient "
+    "computed in the forward and written into its input",
+    "liger-grpo": "Liger Triton GRPO loss (clipped ratio, no entropy, no dual clip)",
+}
+BYTES_PER_ELEMENT_PASS = {"fwd": 1, "bwd": 2, "loss": 3}
+
+
+@dataclass
+class Case:
+    full: torch.Tensor  # [B, T+1, V], as an lm_head writes it
+    logits: torch.Tensor  # [B, T, V] contiguous: full[:, :-1]
+    labels: torch.Tensor  # [B, T]
+    old_logp: torch.Tensor  # [B, T] fp32
+    seq_adv: torch.Tensor  # [B] fp32 (one advantage per sequence)
+    mask: torch.Tensor  # [B, T] fp32
+    g_lp: torch.Tensor  # [B, T] upstream gradient of logp (bwd op)
+    g_h: torch.Tensor  # [B, T] upstream gradient of entropy (bwd op)
+
+    @property
+    def advantages(self) -> torch.Tensor:
+        return self.seq_adv[:, None].expand_as(self.mask)
+
+
+def make_case(n: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0) -> Case:
+    t = min(n, 1024)
+    b = n // t
+    gen = torch.Generator(device=device).manual_seed(seed)
+    full = (torch.randn(b, t + 1, vocab, generator=gen, device=device) * 3).to(dtype)
+    logits = full[:, :-1].contiguous()
+    labels = torch.randint(0, vocab, (b, t), generator=gen, device=device)
+    with torch.no_grad():
+        old = logprobs_and_entropy(logits, labels)[0]
+    old = old + 0.1 * torch.randn(b, t, generator=gen, device=device)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, device=device)
+    mask = torch.ones(b, t, device=device)
+    return Case(full, logits, labels, old.float(), rand(b), mask, rand(b, t), rand(b, t))
+
+
+def _naive_loss(x: torch.Tensor, case: Case) -> torch.Tensor:
+    logp, ent = naive_logprobs_and_entropy(x, case.labels)
+    return policy_loss(logp, case.old_logp, case.advantages, case.mask, entropy=ent, **LOSS_KW)[0]
+
+
+@functools.cache
+def _compiled(kind: str):
+    fn = _naive_loss if kind == "loss" else (lambda x, y: naive_logprobs_and_entropy(x, y))
+    return torch.compile(fn, dynamic=False)
+
+
+def forward(impl: str, x: torch.Tensor, case: Case):
+    """(logp, entropy) [B, T] from logits ``x`` [B, T, V]."""
+    if impl == "naive":
+        return naive_logprobs_and_entropy(x, case.labels)
+    if impl == "compiled":
+        return _compiled("fwd")(x, case.labels)
+    backend = "triton" if x.is_cuda else "torch"
+    return logprobs_and_entropy(
+        x, case.labels, backend=backend, inplace_grad=impl == "aepo-inplace"
+    )
+
+
+def loss(impl: str, x: torch.Tensor, case: Case) -> torch.Tensor:
+    """Scalar loss from logits ``x`` ([B, T, V]; [N, V] for liger-ce, [B, T+1, V] for
+    liger-grpo)."""
+    if impl == "naive":
+        return _naive_loss(x, case)
+    if impl == "compiled":
+        return _compiled("loss")(x, case)
+    if impl == "liger-ce":
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+
+        out = LigerCrossEntropyFunction.apply(
+            x, case.labels.reshape(-1), None, -100, 0.0, 0.0, "sum"
+        )
+        return out[0] if isinstance(out, tuple) else out
+    if impl == "liger-grpo":
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+        out = triton_grpo_loss(
+            x,
+            case.old_logp,
+            None,
+            case.labels,
+            case.seq_adv,
+            case.mask,
+            temperature=1.0,
+            beta=0.0,
+            eps_low=0.2,
+            eps_high=0.2,
+            inplace=False,
+            loss_type="grpo",
+            reduce=True,
+        )
+        return out[0] if isinstance(out, tuple) else out
+    backend = "triton" if x.is_cuda else "torch"
+    kw = {"backend": backend, "inplace_grad": impl == "aepo-inplace", **LOSS_KW}
+    return fused_policy_loss(x, case.labels, case.old_logp, case.advantages, case.mask, **kw)[0]
+
+
+def _input(impl: str, case: Case) -> torch.Tensor:
+    """A differentiable logits tensor for one round; fresh where the op overwrites it."""
+    if impl == "liger-ce":  # writes its gradient into its input during the forward
+        return case.logits.view(-1, case.logits.shape[-1]).clone().requires_grad_()
+    if impl == "liger-grpo":
+        return case.full.detach().requires_grad_()
+    if impl == "aepo-inplace":
+        return case.logits.clone().requires_grad_().view(case.logits.shape)  # a non-leaf
+    return case.logits.detach().requires_grad_()
+
+
+def rounds(impl: str, op: str, case: Case, sync):
+    """(setup, run) for ``benchmark.pedantic``: setup builds the round's inputs (untimed)."""
+    if op == "fwd":
+        setup = lambda: ((_input(impl, case),), {})
+        run = lambda x: (forward(impl, x, case), sync())
+    elif op == "bwd":
+
+        def setup():
+            x = _input(impl, case)
+            logp, ent = forward(impl, x, case)
+            return (x, (logp * case.g_lp + ent * case.g_h).sum()), {}
+
+        run = lambda x, y: (torch.autograd.grad(y, x), sync())
+    else:
+        setup = lambda: ((_input(impl, case),), {})
+        run = lambda x: (torch.autograd.grad(loss(impl, x, case), x), sync())
+    return setup, run
+
+
+def skip_reason(impl: str, op: str, device: str) -> str | None:
+    if impl in GPU_ONLY and device != "cuda":
+        return f"{impl}: GPU stage only"
+    if impl in LOSS_ONLY and op != "loss":
+        return f"{impl}: compared on the loss (fwd+bwd) only"
+    if impl == "aepo-inplace" and op == "fwd":
+        return "aepo-inplace: same forward as aepo"
+    if impl.startswith("liger"):
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            return "Liger-Kernel is not importable here"
+    return None
+
+
+def peak_extra_bytes(impl: str, op: str, case: Case, device: str) -> int:
+    """Peak memory of one timed region above what its setup left (inputs, bwd's forward)."""
+    if device != "cuda":
+        raise ValueError("in-process peak memory is measured on CUDA only; CPU uses cpu_peak")
+    setup, run = rounds(impl, op, case, torch.cuda.synchronize)
+    args, _ = setup()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run(*args)
+    del args
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def cpu_peak(impl: str, op: str, n: int, vocab: int, dtype: str) -> int:
+    """Peak resident-set growth of one round, in a fresh process (so that one variant's
+    allocator cache cannot hide another's)."""
+    cmd = [sys.executable, __file__, "--peak", impl, op, str(n), str(vocab), dtype]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def _cpu_peak_child(impl: str, op: str, n: int, vocab: int, dtype: str) -> None:
+    small = make_case(4, 64, DTYPES[dtype], "cpu")  # warm-up: first-call allocations
+    setup, run = rounds(impl, op, small, lambda: None)
+    run(*setup()[0])
+    case = make_case(n, vocab, DTYPES[dtype], "cpu")
+    setup, run = rounds(impl, op, case, lambda: None)
+    args, _ = setup()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    base = _rss_kib("VmRSS")
+    run(*args)
+    print(json.dumps({"peak_extra_bytes": (_rss_kib("VmHWM") - base) * 1024}))
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]
+    return cpu[0].split(":", 1)[1].strip() if cpu else "cpu"
+
+
+@pytest.fixture(scope="session")
+def copy_bandwidth(bench_cfg) -> float | None:
+    """Device-to-device copy bandwidth in bytes/s (read + write), CUDA only."""
+    if bench_cfg.device != "cuda":
+        return None
+    import triton.testing
+
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+@functools.lru_cache(maxsize=1)  # one case alive at a time: they are GBs on the GPU
+def _case(n: int, vocab: int, dtype: str, device: str) -> Case:
+    return make_case(n, vocab, DTYPES[dtype], device)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kernel(benchmark, bench_cfg, copy_bandwidth, vocab, impl, op):
+    reason = skip_reason(impl, op, bench_cfg.device)
+    if reason:
+        pytest.skip(reason)
+    cfg = bench_cfg
+    case = _case(cfg.n, vocab, cfg.dtype, cfg.device)
+    sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
+    if cfg.device == "cuda":
+        peak = peak_extra_bytes(impl, op, case, cfg.device)
+    else:
+        peak = cpu_peak(impl, op, cfg.n, vocab, cfg.dtype)
+    setup, run = rounds(impl, op, case, sync)
+    benchmark.pedantic(run, setup=setup, rounds=cfg.rounds, warmup_rounds=1)
+    nbytes = BYTES_PER_ELEMENT_PASS[op] * cfg.n * vocab * case.logits.element_size()
+    info = {"impl": impl, "op": op, "computes": COMPUTES[impl], "n": cfg.n, "vocab": vocab}
+    info |= {"dtype": cfg.dtype, "device": cfg.device, "bytes": nbytes, "peak_extra_bytes": peak}
+    info["device_name"] = device_name(cfg.device)
+    if copy_bandwidth:
+        floor_ms = 1e3 * nbytes / copy_bandwidth
+        info |= {"copy_bandwidth_GBps": copy_bandwidth / 1e9, "floor_ms": floor_ms}
+        info["x_floor"] = 1e3 * benchmark.stats.stats.median / floor_ms
+    benchmark.extra_info.update(info)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--peak"]:
+        impl, op, n, vocab, dtype = sys.argv[2:7]
+        _cpu_peak_child(impl, op, int(n), int(vocab), dtype)

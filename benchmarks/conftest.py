@@ -1,0 +1,54 @@
+"""Options of the pytest-benchmark kernel suites (``pytest benchmarks/bench_kernels.py ...``).
+
+Defaults follow the device: CPU N=8192, V=32000, fp32 (``make bench``); CUDA N=16384,
+V=151936 and 32000, bf16 (``make gpu-check``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+DTYPE_NAMES = ("fp32", "bf16", "fp16")  # bench_kernels.DTYPES maps them to torch dtypes
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: str  # "cpu" or "cuda"
+    n: int  # tokens (rows)
+    dtype: str  # one of DTYPE_NAMES
+    rounds: int  # timed rounds per benchmark (median reported)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("aepo kernel benchmarks")
+    cuda = torch.cuda.is_available()
+    group.addoption("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
+    group.addoption("--n", type=int, default=None, help="tokens (default: cpu 8192, cuda 16384)")
+    group.addoption("--vocab", type=int, action="append", help="vocabulary size (repeatable)")
+    group.addoption("--dtype", choices=DTYPE_NAMES, default=None, help="cpu fp32, cuda bf16")
+    group.addoption("--rounds", type=int, default=None, help="timed rounds (cpu 3, cuda 10)")
+
+
+@pytest.fixture(scope="session")
+def bench_cfg(request) -> BenchConfig:
+    opt = request.config.getoption
+    gpu = opt("--device") == "cuda"
+    if gpu and not torch.cuda.is_available():
+        raise pytest.UsageError("--device cuda: no CUDA GPU is visible")
+    return BenchConfig(
+        device=opt("--device"),
+        n=opt("--n") or (16384 if gpu else 8192),
+        dtype=opt("--dtype") or ("bf16" if gpu else "fp32"),
+        rounds=opt("--rounds") or (10 if gpu else 3),
+    )
+
+
+def pytest_generate_tests(metafunc):
+    if "vocab" in metafunc.fixturenames:
+        opt = metafunc.config.getoption
+        default = [151936, 32000] if opt("--device") == "cuda" else [32000]
+        vocabs = opt("--vocab") or default
+        metafunc.parametrize("vocab", vocabs, ids=[f"V{v}" for v in vocabs])
