@@ -30,27 +30,82 @@ def check_logits_labels(
             "logits and labels must be torch.Tensor, got "
             f"{type(logits).__name__} and {type(labels).__name__}"
         )
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"logits dtype {logits.dtype} is not supported; use one of " + _names())
+    _check_float("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must have a non-empty vocabulary dim, got {tuple(logits.shape)}")
+    vocab = logits.shape[-1]
+    return check_labels(labels, logits, "logits", "vocabulary", vocab, ignore_index, check_range)
+
+
+def check_hidden_weight(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Validate ([..., H] hidden, [V, H] weight) for the hidden-state path; return weight."""
+    if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            "hidden and weight must be torch.Tensor, got "
+            f"{type(hidden).__name__} and {type(weight).__name__}"
+        )
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must be 2-D [V, H] (the lm_head weight), got {tuple(weight.shape)}"
+        )
+    if weight.numel() == 0:
+        raise ValueError(
+            f"weight {tuple(weight.shape)} has no elements: a ZeRO-3 partitioned parameter must "
+            "be gathered first (deepspeed.zero.GatheredParameters)"
+        )
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must end in H = weight.shape[1] = {weight.shape[1]} "
+            f"(weight {tuple(weight.shape)} is [V, H])"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden and weight dtypes differ: {hidden.dtype} and {weight.dtype}")
+    if hidden.device != weight.device:
+        raise ValueError(
+            f"hidden and weight must be on the same device, got {hidden.device} and {weight.device}"
+        )
+    return weight
+
+
+def check_labels(
+    labels: torch.Tensor,
+    data: torch.Tensor,
+    name: str,
+    last: str,
+    vocab: int,
+    ignore_index: int,
+    check_range: bool = True,
+) -> torch.Tensor:
+    """Labels [...] for ``data`` [..., X] (X = the ``last`` dim) over a vocabulary of ``vocab``:
+    shape, integer dtype, device and (one host sync, skipped under torch.compile) range."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (int64), got dtype {labels.dtype}")
-    if labels.shape != logits.shape[:-1]:
+    if labels.shape != data.shape[:-1]:
         raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal logits shape without the vocabulary "
-            f"dim {tuple(logits.shape[:-1])} (logits {tuple(logits.shape)})"
+            f"labels shape {tuple(labels.shape)} must equal {name} shape without the {last} "
+            f"dim {tuple(data.shape[:-1])} ({name} {tuple(data.shape)})"
         )
-    if labels.device != logits.device:
+    if labels.device != data.device:
         raise ValueError(
-            f"logits and labels must be on the same device, got {logits.device} and {labels.device}"
+            f"{name} and labels must be on the same device, got {data.device} and {labels.device}"
         )
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     labels = labels.long()
     if check_range and labels.numel() and not torch.compiler.is_compiling():
-        _check_label_range(labels, logits.shape[-1], ignore_index)
+        _check_label_range(labels, vocab, ignore_index)
     return labels
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} dtype {x.dtype} is not supported; use one of " + _names())
 
 
 def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> None:

@@ -73,8 +73,6 @@ def logprobs_and_entropy(
     """
     inv_temperature = check_temperature(temperature)
     labels = check_logits_labels(logits, labels, ignore_index)
-    if not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if inplace_grad and logits.requires_grad and logits.is_leaf:
         raise ValueError(
             "inplace_grad=True would overwrite a leaf tensor with its own gradient; pass logits "

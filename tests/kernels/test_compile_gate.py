@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from aepo.kernels import _launch, _resources, compile_gate, logprob_entropy, logprobs_and_entropy
+from aepo.kernels import (
+    _launch,
+    _resources,
+    compile_gate,
+    linear_triton,
+    logprob_entropy,
+    logprobs_and_entropy,
+)
 from tests.kernels import gate_fixture
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,22 +59,51 @@ def test_every_kernel_compiles_for_every_target(report):
     assert all(targets == set(compile_gate.TARGETS) for targets in by_kernel.values())
 
 
-def test_variants_are_what_the_launchers_produce(report):
+def _flags(v: dict) -> tuple:
+    return (v["constexprs"].get("HAS_LOGP_GRAD"), v["constexprs"].get("HAS_ENTROPY_GRAD"))
+
+
+BACKWARD_FLAGS = {(True, False), (False, True), (True, True)}
+
+
+def test_logits_variants_are_what_the_launchers_produce(report):
     """Each dtype gets the launcher's (BLOCK_V, num_warps), and the backward every gradient
     combination, without a hand-kept list: all of it came from recorded launches."""
     seen = set()
     for r in report["results"]:
         v = r["variant"]
+        if not v["kernel"].startswith("_logp_entropy"):
+            continue
         dtype = v["signature"]["logits_ptr"][1:]
         size = {"fp32": 4, "bf16": 2, "fp16": 2}[dtype]
         assert v["constexprs"]["BLOCK_V"] == logprob_entropy.GPU_CONFIGS[size][0]
         assert v["options"]["num_warps"] == logprob_entropy.GPU_CONFIGS[size][1]
-        flags = (v["constexprs"].get("HAS_LOGP_GRAD"), v["constexprs"].get("HAS_ENTROPY_GRAD"))
-        seen.add((v["kernel"], dtype, flags))
-    backward = {(True, False), (False, True), (True, True)}
+        seen.add((v["kernel"], dtype, _flags(v)))
     for dtype in ("fp32", "bf16", "fp16"):
         assert ("_logp_entropy_fwd_kernel", dtype, (None, None)) in seen
-        assert {f for k, d, f in seen if k == "_logp_entropy_bwd_kernel" and d == dtype} == backward
+        bwd = {f for k, d, f in seen if k == "_logp_entropy_bwd_kernel" and d == dtype}
+        assert bwd == BACKWARD_FLAGS
+
+
+def test_linear_variants_are_what_the_launchers_produce(report):
+    seen = set()
+    for r in report["results"]:
+        v = r["variant"]
+        if not v["kernel"].startswith("_linear"):
+            continue
+        assert v["options"]["num_warps"] in (linear_triton.GPU_CONFIG["num_warps"], 4)
+        if v["kernel"] == "_linear_merge_kernel":
+            continue
+        for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H"):
+            assert v["constexprs"][key] == linear_triton.GPU_CONFIG[key]
+        assert v["options"]["num_stages"] == linear_triton.GPU_CONFIG["num_stages"]
+        dtype = v["signature"]["x_ptr"][1:]
+        assert v["constexprs"]["DOT_FP32"] == (dtype == "fp32")
+        seen.add((v["kernel"], dtype, _flags(v)))
+    for dtype in ("fp32", "bf16", "fp16"):
+        assert ("_linear_fwd_kernel", dtype, (None, None)) in seen
+        bwd = {f for k, d, f in seen if k == "_linear_dz_kernel" and d == dtype}
+        assert bwd == BACKWARD_FLAGS
 
 
 def test_no_shipped_configuration_spills_on_sm90(report):

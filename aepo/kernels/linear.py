@@ -1,0 +1,200 @@
+"""Log-prob, entropy and the policy loss straight from hidden states x lm_head weight.
+
+The [N, V] logits are never materialised: each backend computes them tile by tile in fp32 and
+keeps per-row statistics of its vocabulary piece, (m, s, u, z_y) with e = exp(z - m):
+m = max z, s = sum e, u = sum e (z - m), z_y = the label's logit (0 outside its piece).
+
+Merging pieces k (vocabulary chunks, kernel splits, or the shards of a vocab-parallel group)
+is exact: M = max_k m_k, w_k = exp(m_k - M) (0 for an empty piece), S = sum_k w_k s_k,
+U = sum_k w_k (u_k + (m_k - M) s_k), Z = sum_k z_y_k; then logp = (Z - M) - log S and
+H = log S - U / S (:mod:`aepo.kernels.reference`). With ``process_group`` each rank holds a
+contiguous shard [V_r, H] of the weight, in rank order; the [4, N] statistics are all-gathered
+and merged in rank order on every rank (one collective, bitwise the same result everywhere),
+so every rank returns the full-vocabulary logp and entropy. In the backward each rank forms
+dz = g_lp (1[j=y] - p_j) - g_H p_j (z_j - S) / T over its shard only, p_j = exp(z_j - M - log S),
+keeps its shard's dW, and the hidden gradient is all-reduced (summed) over the group.
+
+Rows whose label is ``ignore_index`` are dropped before any matmul: they cost no FLOPs, return 0
+and get exactly zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from aepo.kernels import _launch, linear_torch
+from aepo.kernels._checks import check_hidden_weight, check_labels, check_temperature
+from aepo.kernels.api import resolve_backend
+from aepo.kernels.reference import accumulator_dtype, finish_pieces, merge_pieces
+from aepo.objectives import policy_loss
+
+
+def _backend_module(backend: str):
+    if backend == "triton":
+        from aepo.kernels import linear_triton
+
+        return linear_triton
+    return linear_torch
+
+
+def shard_layout(weight: torch.Tensor, process_group) -> tuple[int, int]:
+    """(vocab_start, vocab_total) of this rank's weight shard; checks that H agrees."""
+    if process_group is None:
+        return 0, weight.shape[0]
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    mine = torch.tensor(weight.shape, dtype=torch.int64, device=weight.device)
+    shapes = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(shapes, mine, group=process_group)
+    shapes = [tuple(t.tolist()) for t in shapes]
+    if len({h for _, h in shapes}) != 1:
+        raise ValueError(
+            f"process_group shards disagree in H: weight shapes by rank {shapes}; every rank "
+            "must pass its [V_r, H] slice of the same lm_head weight"
+        )
+    return sum(v for v, _ in shapes[:rank]), sum(v for v, _ in shapes)
+
+
+def _gather_merge(piece: tuple[torch.Tensor, ...], process_group) -> tuple[torch.Tensor, ...]:
+    """All-gather the [4, N] piece statistics and merge them in rank order."""
+    mine = torch.stack(piece)  # [4, N]
+    parts = [torch.empty_like(mine) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(parts, mine, group=process_group)
+    merged = tuple(parts[0])
+    for part in parts[1:]:
+        merged = merge_pieces(merged, tuple(part))
+    return merged
+
+
+class _LinearLogpEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, local, inv_t, backend, group):
+        impl = _backend_module(backend)
+        with torch.no_grad():
+            piece = impl.linear_forward(x, w, local, inv_t)
+            if group is not None:
+                piece = _gather_merge(piece, group)
+            valid = torch.ones_like(local, dtype=torch.bool)
+            logp, entropy, m, log_s = finish_pieces(*piece, valid)
+        ctx.save_for_backward(x, w, local, m, log_s, entropy)
+        ctx.inv_t, ctx.backend, ctx.group = inv_t, backend, group
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 6
+        x, w, local, m, log_s, entropy = ctx.saved_tensors
+        impl = _backend_module(ctx.backend)
+        acc = accumulator_dtype(x.dtype)
+        g = [None if t is None else t.to(acc).contiguous() for t in (grad_logp, grad_entropy)]
+        dx, dw = impl.linear_backward(x, w, local, m, log_s, entropy, *g, ctx.inv_t)
+        if ctx.group is not None:
+            dist.all_reduce(dx, group=ctx.group)
+        dx = dx.to(x.dtype) if ctx.needs_input_grad[0] else None
+        return dx, (dw if ctx.needs_input_grad[1] else None), None, None, None, None
+
+
+def linear_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+    process_group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-prob of the label and full-vocabulary entropy of softmax(hidden W^T / T).
+
+    Args:
+        hidden: [..., H] last hidden states, float32 / bfloat16 / float16 (float64 on the
+            torch backend), CPU or CUDA.
+        weight: [V, H] lm_head weight (no bias), same dtype and device; with
+            ``process_group``, this rank's contiguous shard [V_r, H] (shards in rank order).
+        labels: [...] integer global vocabulary ids in [0, V) or ``ignore_index``.
+        temperature: logits / temperature (> 0).
+        ignore_index: rows to skip: dropped before any matmul, 0 out, zero gradient.
+        backend: "triton", "torch" (chunked plain torch) or "auto" (triton on CUDA, torch on
+            CPU unless TRITON_INTERPRET=1).
+        process_group: a vocab-parallel group, or None.
+    Returns:
+        (logp, entropy), each [...] float32 (float64 for float64 inputs), differentiable with
+        respect to ``hidden`` and ``weight`` (entropy included).
+    Memory: no [N, V] tensor. Saves (m, log s, H) per kept row; the backward allocates dX in
+    fp32 [N, H], dW like ``weight`` and bounded tile workspaces.
+    """
+    inv_t = check_temperature(temperature)
+    vocab_start, vocab_total = shard_layout(check_hidden_weight(hidden, weight), process_group)
+    labels = check_labels(labels, hidden, "hidden", "hidden", vocab_total, ignore_index)
+    backend = resolve_backend(backend, hidden)
+    flat = labels.reshape(-1)
+    keep = (flat != ignore_index).nonzero().squeeze(1)  # one host sync: rows to compute
+    x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+    y = flat.index_select(0, keep) - vocab_start
+    local = torch.where((y >= 0) & (y < weight.shape[0]), y, torch.full_like(y, -1))
+    logp_k, ent_k = _LinearLogpEntropy.apply(x, weight, local, inv_t, backend, process_group)
+    out_dtype = logp_k.dtype
+    zeros = torch.zeros(flat.shape, dtype=out_dtype, device=hidden.device)
+    logp = zeros.index_put((keep,), logp_k)
+    entropy = zeros.index_put((keep,), ent_k)
+    return logp.view(labels.shape), entropy.view(labels.shape)
+
+
+def fused_linear_policy_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    process_group=None,
+    **policy_loss_kwargs,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """:func:`aepo.objectives.policy_loss` from hidden states and the lm_head weight.
+
+    Rows with mask 0 (prompt and tool-result tokens) are dropped before any matmul. The
+    objective runs on the [N] log-probs and entropies; its per-token gradients reach the hidden
+    states and the weight through one backward pass of the linear kernels.
+
+    Args:
+        hidden: [..., T, H]; weight: [V, H] (or this rank's shard); labels: [..., T] sampled
+            tokens (anything where mask is 0).
+        old_logp, advantages, mask: [..., T], as in :func:`aepo.objectives.policy_loss`.
+        **policy_loss_kwargs: objective, eps_low, eps_high, entropy_adv_coef, entropy_coef,
+            ref_logp, kl_coef, agg, normalizer, ... (see ``policy_loss``).
+    Returns:
+        (loss, metrics): equal in value and gradient to
+        ``policy_loss(*linear_logprobs_and_entropy(hidden, weight, labels), ...)``.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask shape {shape} must equal labels shape {tuple(labels.shape)}")
+    labels = torch.where(mask.bool(), labels, -100)
+    logp, entropy = linear_logprobs_and_entropy(
+        hidden,
+        weight,
+        labels,
+        temperature=temperature,
+        backend=backend,
+        process_group=process_group,
+    )
+    return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **policy_loss_kwargs)
+
+
+@_launch.gate_exercise
+def _gate_exercise(dtype: torch.dtype) -> None:
+    """Forward (two vocabulary splits) and the backward with a gradient on logp / entropy /
+    both. Only H is specialised by Triton (the kernels opt out for N and V): H = 64, as in
+    every real model (a multiple of 16)."""
+    for n, h, v in ((17, 64, 4353),):
+        hidden, weight = torch.zeros(n, h, dtype=dtype), torch.zeros(v, h, dtype=dtype)
+        labels = torch.zeros(n, dtype=torch.long)
+        for wrt in ((0,), (1,), (0, 1)):
+            x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            outs = linear_logprobs_and_entropy(x, w, labels, backend="triton")
+            torch.autograd.grad(sum(outs[i].sum() for i in wrt), (x, w))
