@@ -37,6 +37,9 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
 		--benchmark-json=benchmarks/results/kernels_cpu.json
 	$(BIN)/python benchmarks/render_bench.py benchmarks/results/kernels_cpu.json
+	$(BIN)/python -m pytest benchmarks/bench_linear.py -q -p no:cacheprovider \
+		--benchmark-json=benchmarks/results/linear_cpu.json
+	$(BIN)/python benchmarks/render_bench.py benchmarks/results/linear_cpu.json
 	$(BIN)/python benchmarks/kernel_resources.py
 
 gpu-check:

@@ -10,6 +10,8 @@ from torch import nn
 from aepo.kernels import BACKENDS, fused_policy_loss
 from aepo.objectives import AGGREGATIONS, ENTROPY_NORMS, OBJECTIVES
 
+LM_HEAD_MODES = ("auto", "fused", "logits")
+
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
@@ -27,6 +29,7 @@ class PolicyLossConfig:
     temperature: float = 1.0  # sampling temperature the logits are divided by
     backend: str = "auto"  # kernel backend: auto, triton or torch
     inplace_grad: bool = False  # write dL/dlogits into the logits' storage
+    lm_head: str = "auto"  # trainer: fused (from hidden states), logits, or auto (fused if able)
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -34,6 +37,7 @@ class PolicyLossConfig:
             ("entropy_adv_norm", self.entropy_adv_norm, ENTROPY_NORMS),
             ("agg", self.agg, AGGREGATIONS),
             ("backend", self.backend, BACKENDS),
+            ("lm_head", self.lm_head, LM_HEAD_MODES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is not one of: {', '.join(allowed)}")
@@ -42,7 +46,7 @@ class PolicyLossConfig:
 
     def policy_loss_kwargs(self) -> dict:
         """The fields :func:`aepo.objectives.policy_loss` takes."""
-        skip = {"temperature", "backend", "inplace_grad"}
+        skip = {"temperature", "backend", "inplace_grad", "lm_head"}
         return {
             f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip
         }

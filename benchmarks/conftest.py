@@ -29,6 +29,7 @@ def pytest_addoption(parser):
     group.addoption("--n", type=int, default=None, help="tokens (default: cpu 8192, cuda 16384)")
     group.addoption("--vocab", type=int, action="append", help="vocabulary size (repeatable)")
     group.addoption("--dtype", choices=DTYPE_NAMES, default=None, help="cpu fp32, cuda bf16")
+    group.addoption("--hidden", type=int, default=None, help="bench_linear H (cpu 1024, cuda 5120)")
     group.addoption("--rounds", type=int, default=None, help="timed rounds (cpu 3, cuda 10)")
 
 

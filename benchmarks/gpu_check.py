@@ -5,9 +5,11 @@ checkout (PYTHONPATH), and skips peers that are not importable (saying so). Stag
 own subprocess under a share of the time budget, each written to the report before the next:
 
   tests   the CUDA-only tests (pytest -m cuda)
-  bench   the kernel benchmark suite (benchmarks/bench_kernels.py, pytest-benchmark) at
-          N=16384, V=151936 and V=32000, bf16: fwd / bwd / fused loss against naive eager,
-          torch.compile and Liger-Kernel, with the bandwidth floor
+  bench   the kernel benchmark suites (pytest-benchmark) at N=16384, bf16: the logits kernels
+          (bench_kernels.py, V=151936 and 32000: fwd / bwd / fused loss against naive eager,
+          torch.compile and Liger-Kernel, with the bandwidth floor) and the hidden-state path
+          (bench_linear.py, H=5120, V=151936: TFLOP/s and memory against matmul + logits and
+          Liger's chunked loss)
   sweep   (BLOCK_V, num_warps) of both logits kernels, best against the shipped default
   memory  peak extra memory of every benchmarked variant (from the bench stage)
 
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("tests", "bench", "sweep", "memory")
 # Relative share of the time left that each stage may use (time a stage leaves unused passes to
 # the next ones); memory only reads the bench stage's output.
-SHARES = {"tests": 0.22, "bench": 0.58, "sweep": 0.2, "memory": 0.0}
+SHARES = {"tests": 0.2, "bench": 0.64, "sweep": 0.16, "memory": 0.0}
 PEERS = ("liger_kernel", "vllm", "deepspeed", "flash_attn", "transformers")
 
 
@@ -50,6 +52,7 @@ class Context:
     n: int
     vocabs: tuple[int, ...]
     dtype: str
+    hidden: int = 5120  # H of the hidden-state benchmark
     peers: Path | None = None
     start: float = field(default_factory=time.monotonic)
 
@@ -75,10 +78,13 @@ def stage_commands(name: str, ctx: Context) -> list[list[str]]:
         return [[*pytest, "-m", "cuda", "tests", f"--junitxml={ctx.path('_tests.xml')}"]]
     if name == "bench":  # one run per vocabulary: each JSON lands before the next run starts
         bench = [*pytest, "benchmarks/bench_kernels.py", "--device", "cuda", *shape]
-        return [
+        cmds = [
             [*bench, "--vocab", str(v), f"--benchmark-json={ctx.path(f'_bench_V{v}.json')}"]
             for v in ctx.vocabs
         ]
+        linear = [*pytest, "benchmarks/bench_linear.py", "--device", "cuda", *shape]
+        linear += ["--hidden", str(ctx.hidden), "--vocab", str(ctx.vocabs[0])]
+        return [*cmds, [*linear, f"--benchmark-json={ctx.path('_bench_linear.json')}"]]
     if name == "sweep":
         sweep = [ctx.python, "benchmarks/sweep_kernels.py", *shape, "--vocab", str(ctx.vocabs[0])]
         return [[*sweep, "--json", str(ctx.path("_sweep.json"))]]
@@ -132,7 +138,7 @@ def summarize_tests(ctx: Context) -> dict:
 
 
 def summarize_bench(ctx: Context) -> dict:
-    found = [ctx.path(f"_bench_V{v}.json") for v in ctx.vocabs]
+    found = [ctx.path(f"_bench_V{v}.json") for v in ctx.vocabs] + [ctx.path("_bench_linear.json")]
     return {"json": [str(p) for p in found if p.exists()]}
 
 
@@ -246,6 +252,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=16384)
     p.add_argument("--vocab", type=int, nargs="+", default=[151936, 32000])
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    p.add_argument("--hidden", type=int, default=5120, help="H of the hidden-state benchmark")
     p.add_argument("--peers", type=Path, help="folder of unpacked pure-Python peer wheels")
     p.add_argument("--python", default=sys.executable, help="interpreter for the stages")
     p.add_argument("--dry-run", action="store_true", help="list the stages and exit")
@@ -266,6 +273,7 @@ def main(argv=None) -> int:
         args.n,
         tuple(args.vocab),
         args.dtype,
+        args.hidden,
         args.peers,
     )
     if args.dry_run:

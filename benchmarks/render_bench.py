@@ -57,6 +57,27 @@ def render_vocab(vocab: int, rows: dict) -> list[str]:
     return [*lines, ""]
 
 
+def render_linear(vocab: int, rows: dict) -> list[str]:
+    """Table of the hidden-state suite (bench_linear.py): loss fwd+bwd only."""
+    info = next(iter(next(iter(rows.values())).values()))
+    naive = rows.get("naive", {}).get("loss", {}).get("median_ms")
+    lines = [
+        f"## N={info['n']} H={info['hidden']} V={vocab} {info['dtype']} on "
+        f"{info.get('device_name', '?')}: policy loss fwd+bwd",
+        "",
+        "| impl | ms | x naive | TFLOP/s (8NHV) | peak extra MiB (w/o dX, dW) | computes |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for impl, ops in rows.items():
+        r = ops["loss"]
+        rel = r["median_ms"] / naive if naive else None
+        lines.append(
+            f"| {impl} | {r['median_ms']:.0f} | {_cell(rel, '.2f')} | {r['tflops']:.3f} | "
+            f"{r['peak_extra_bytes'] / 2**20:.0f} | {r['computes']} |"
+        )
+    return [*lines, ""]
+
+
 def render(report: dict) -> str:
     machine = report.get("machine_info", {})
     lines = [
@@ -69,7 +90,8 @@ def render(report: dict) -> str:
         "",
     ]
     for vocab, rows in collect(report).items():
-        lines += render_vocab(vocab, rows)
+        first = next(iter(next(iter(rows.values())).values()))
+        lines += render_linear(vocab, rows) if "hidden" in first else render_vocab(vocab, rows)
     return "\n".join(lines)
 
 

@@ -93,7 +93,7 @@ class _LinearLogpEntropy(torch.autograd.Function):
         if ctx.group is not None:
             dist.all_reduce(dx, group=ctx.group)
         dx = dx.to(x.dtype) if ctx.needs_input_grad[0] else None
-        return dx, (dw if ctx.needs_input_grad[1] else None), None, None, None, None
+        return dx, (dw if ctx.needs_input_grad[1] else None), *(None,) * 4
 
 
 def linear_logprobs_and_entropy(
@@ -119,6 +119,9 @@ def linear_logprobs_and_entropy(
         backend: "triton", "torch" (chunked plain torch) or "auto" (triton on CUDA, torch on
             CPU unless TRITON_INTERPRET=1).
         process_group: a vocab-parallel group, or None.
+        Under ZeRO-3 call it as the lm_head module's forward (as ``aepo train`` does), so
+        that the weight is gathered around the forward and the backward and its gradient is
+        accumulated while it is whole.
     Returns:
         (logp, entropy), each [...] float32 (float64 for float64 inputs), differentiable with
         respect to ``hidden`` and ``weight`` (entropy included).
@@ -165,6 +168,7 @@ def fused_linear_policy_loss(
         hidden: [..., T, H]; weight: [V, H] (or this rank's shard); labels: [..., T] sampled
             tokens (anything where mask is 0).
         old_logp, advantages, mask: [..., T], as in :func:`aepo.objectives.policy_loss`.
+        temperature, backend, process_group: as in :func:`linear_logprobs_and_entropy`.
         **policy_loss_kwargs: objective, eps_low, eps_high, entropy_adv_coef, entropy_coef,
             ref_logp, kl_coef, agg, normalizer, ... (see ``policy_loss``).
     Returns:

@@ -3,6 +3,7 @@ gathered weights for vLLM, save, load). fp32 + torch AdamW on CPU, bf16 on GPU."
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 
@@ -53,6 +54,50 @@ def unpack(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     out = x.new_zeros(keep.shape)
     out[keep.to(x.device)] = x[0]
     return out
+
+
+# Config attributes of HF models whose output layer is more than hidden @ W^T.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "output_multiplier",
+)
+
+
+def fused_head_blocker(model) -> str | None:
+    """Why the fused hidden-state loss cannot replace ``model``'s output layer, or None.
+
+    Fused needs a plain bias-free ``nn.Linear`` lm_head, a backbone under
+    ``model.base_model_prefix``, and no logit soft-capping or scaling in the config.
+    """
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"the output layer is {type(head).__name__}, not a plain nn.Linear"
+    if head.bias is not None:
+        return "the lm_head has a bias"
+    if not isinstance(getattr(model, model.base_model_prefix, None), torch.nn.Module):
+        return f"no backbone at model.{model.base_model_prefix}"
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(model.config, name, None)
+        if value not in (None, 0, 0.0, 1, 1.0):
+            return f"the model transforms its logits ({name}={value})"
+    return None
+
+
+@contextlib.contextmanager
+def _redirect(module: torch.nn.Module, forward):
+    """Temporarily replace ``module``'s forward (an instance attribute shadows the class's);
+    its hooks (ZeRO-3's gathers among them) still run around the call."""
+    previous = module.__dict__.get("forward")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del module.forward
+        else:
+            module.forward = previous
 
 
 def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
@@ -134,6 +179,37 @@ class PolicyEngine:
         positions = (keep.cumsum(-1) - 1)[keep][None]
         out = self.engine(input_ids=ids[keep][None], position_ids=positions)
         return out.logits, keep.cpu()
+
+    def fused_logprobs(self, input_ids, attention_mask, labels, **kernel_kwargs):
+        """Per-token (logp, entropy, keep) from the last hidden states and the lm_head weight
+        (:func:`aepo.kernels.linear_logprobs_and_entropy`), the logits never materialised.
+
+        ``labels`` [B, L] (-100 = skip) are packed like :meth:`logits`' outputs; so are the
+        returned logp and entropy. The call goes through the DeepSpeed engine's forward, and the
+        kernel runs as the lm_head module's forward (both redirected for the duration of the
+        call): ZeRO-3 gathers the weight around it and again around its backward, and the
+        weight's gradient is accumulated and reduced exactly as the model's own lm_head's.
+        """
+        from aepo.kernels import linear_logprobs_and_entropy
+
+        module = self.engine.module
+        backbone, head = getattr(module, module.base_model_prefix), module.get_output_embeddings()
+        device = self.engine.device
+        ids, attn = input_ids.to(device), attention_mask.to(device)
+        keep = attn.bool() if self.packed else None
+        y = pack(labels.to(device), keep)
+
+        def head_forward(hidden):
+            return linear_logprobs_and_entropy(hidden, head.weight, y, **kernel_kwargs)
+
+        forward = lambda **kw: head(backbone(**kw).last_hidden_state)
+        with _redirect(module, forward), _redirect(head, head_forward):
+            if keep is None:
+                logp, entropy = self.engine(input_ids=ids, attention_mask=attn)
+            else:
+                positions = (keep.cumsum(-1) - 1)[keep][None]
+                logp, entropy = self.engine(input_ids=ids[keep][None], position_ids=positions)
+        return logp, entropy, None if keep is None else keep.cpu()
 
     def backward(self, loss: torch.Tensor) -> None:
         """Our losses are already normalised by the global token count: no 1/GAS scaling."""

@@ -18,15 +18,15 @@ import torch.distributed as dist
 
 from aepo.evaluate import group_label
 from aepo.kernels import fused_policy_loss, logprobs_and_entropy
-from aepo.objectives import entropy_statistics, group_advantages
+from aepo.objectives import entropy_statistics, group_advantages, policy_loss
 from aepo.rollout.branching import BranchConfig
 from aepo.rollout.engines.base import GenRequest, SamplingConfig
 from aepo.rollout.trajectory import flatten
 from aepo.rollout.tree import RolloutConfig, TreeRollout
 from aepo.tasks.base import get_task
 from aepo.train import checkpoint
-from aepo.train.config import TrainConfig, dump_config
-from aepo.train.engine import PolicyEngine, init_distributed, pack, unpack
+from aepo.train.config import ConfigError, TrainConfig, dump_config
+from aepo.train.engine import PolicyEngine, fused_head_blocker, init_distributed, pack, unpack
 from aepo.train.metrics import MetricsLogger
 
 TIMING_KEYS = ("time_rollout", "time_train", "time_sync", "gen_tokens_per_s")
@@ -101,6 +101,7 @@ class Trainer:
         )
         self.loss_kwargs = cfg.objective.policy_loss_kwargs()
         self.loss_kwargs.pop("entropy_adv_norm")
+        self.fused_head = choose_lm_head(cfg.objective.lm_head, self.policy, self.rank)
 
     def _model_path(self) -> str:
         if self.rank == 0:
@@ -241,18 +242,39 @@ class Trainer:
         micro = self.cfg.optim.micro_batch_size
         for lo in range(0, batch["input_ids"].shape[0], micro):
             rows = slice(lo, lo + micro)
-            logits, keep = self.policy.logits(
-                batch["input_ids"][rows], batch["attention_mask"][rows]
-            )
-            labels = pack(
-                torch.where(batch["mask"][rows].bool(), batch["labels"][rows], -100), keep
-            )
-            lp, h = logprobs_and_entropy(
-                logits, labels.to(logits.device), temperature=self.cfg.rollout.temperature
-            )
+            labels = torch.where(batch["mask"][rows].bool(), batch["labels"][rows], -100)
+            lp, h, keep = self._logprobs(batch, rows, labels)
             logp.append(unpack(lp, keep).cpu())
             ent.append(unpack(h, keep).cpu())
         return torch.cat(logp), torch.cat(ent)
+
+    def _logprobs(self, batch, rows: slice, labels: torch.Tensor):
+        """(logp, entropy, keep) of micro-batch rows: from hidden states x lm_head on the fused
+        path, from the logits otherwise (packed like the model's outputs, see ``pack``)."""
+        ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
+        kw = {"temperature": self.cfg.rollout.temperature, "backend": self.cfg.objective.backend}
+        if self.fused_head:
+            return self.policy.fused_logprobs(ids, attn, labels, **kw)
+        logits, keep = self.policy.logits(ids, attn)
+        y = pack(labels, keep).to(logits.device)
+        return (*logprobs_and_entropy(logits, y, **kw), keep)
+
+    def _micro_loss(self, batch, r: slice, **kwargs):
+        """The policy loss of micro-batch rows ``r``, from hidden states or from logits."""
+        kwargs |= self.loss_kwargs
+        keys = ("old_logp", "advantages", "mask")
+        if self.fused_head:  # rows with mask 0 are dropped before the matmuls
+            labels = torch.where(batch["mask"][r].bool(), batch["labels"][r], -100)
+            logp, entropy, keep = self._logprobs(batch, r, labels)
+            old, adv, m = (pack(batch[k][r], keep).to(logp.device) for k in keys)
+            return policy_loss(logp, old, adv, m, entropy=entropy, **kwargs)
+        logits, keep = self.policy.logits(batch["input_ids"][r], batch["attention_mask"][r])
+        labels, old, adv, m = (pack(batch[k][r], keep).to(logits.device) for k in ("labels", *keys))
+        kwargs |= {
+            "temperature": self.cfg.rollout.temperature,
+            "backend": self.cfg.objective.backend,
+        }
+        return fused_policy_loss(logits, labels, old, adv, m, inplace_grad=True, **kwargs)
 
     def _mini_batch(self, batch, rows: slice) -> dict[str, float]:
         cfg, group = self.cfg, dist.group.WORLD if self.world > 1 else None
@@ -269,25 +291,13 @@ class Trainer:
         for lo in range(rows.start, rows.start + mask.shape[0], micro):
             r = slice(lo, lo + micro)
             groups = batch["group_ids"][r] if norm == "group" else None
-            logits, keep = self.policy.logits(batch["input_ids"][r], batch["attention_mask"][r])
-            labels, old, adv, m = (
-                pack(batch[k][r], keep).to(logits.device)
-                for k in ("labels", "old_logp", "advantages", "mask")
-            )
-            loss, metrics = fused_policy_loss(
-                logits,
-                labels,
-                old,
-                adv,
-                m,
-                temperature=cfg.rollout.temperature,
-                backend=cfg.objective.backend,
-                inplace_grad=True,
+            loss, metrics = self._micro_loss(
+                batch,
+                r,
                 normalizer=normalizer,
                 entropy_stats=stats,
                 entropy_adv_norm=norm,
                 group_ids=groups,
-                **self.loss_kwargs,
             )
             self.policy.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
             self.policy.step()
@@ -335,6 +345,20 @@ class Trainer:
                 f"{diff:.3g} > logging.sync_tolerance={cfg.logging.sync_tolerance}"
             )
         return diff
+
+
+def choose_lm_head(mode: str, policy: PolicyEngine, rank: int) -> bool:
+    """True for the fused hidden-state loss. ``auto`` takes it when the model's output layer
+    allows (:func:`~aepo.train.engine.fused_head_blocker`); the choice is printed once."""
+    blocker = fused_head_blocker(policy.engine.module)
+    if mode == "fused" and blocker:
+        raise ConfigError(f"objective.lm_head=fused is not possible for this model: {blocker}")
+    fused = mode == "fused" or (mode == "auto" and blocker is None)
+    if rank == 0:
+        why = f" ({blocker})" if blocker and mode == "auto" else ""
+        path = "hidden states x lm_head (fused, no logits)" if fused else "logits"
+        print(f"aepo: objective.lm_head={mode}: policy loss from {path}{why}", flush=True)
+    return fused
 
 
 def _shifted(tb) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     assert proc.stdout.count("benchmarks/bench_kernels.py") == 2  # one run per vocabulary
     assert "--vocab 151936" in proc.stdout and "--dtype bf16" in proc.stdout
     assert "sweep_kernels.py" in proc.stdout
+    assert "benchmarks/bench_linear.py" in proc.stdout and "--hidden 5120" in proc.stdout
     assert list(tmp_path.iterdir()) == []
 
 
@@ -63,7 +64,7 @@ def test_without_a_gpu_it_says_so(tmp_path):
 def test_stage_limits_pass_unused_time_on():
     ctx = gpu_check.Context(Path("."), "s", "py", 100.0, 1, (1,), "bf16")
     first = gpu_check.stage_limit("tests", ctx, list(gpu_check.STAGES))
-    assert first == pytest.approx(22.0, abs=0.5)
+    assert first == pytest.approx(100 * gpu_check.SHARES["tests"], abs=0.5)
     later = gpu_check.stage_limit("sweep", ctx, ["sweep", "memory"])
     assert later == pytest.approx(ctx.left(), abs=0.5)  # all that is left
     assert gpu_check.stage_limit("memory", ctx, ["memory"]) == 0.0

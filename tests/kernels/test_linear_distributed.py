@@ -38,18 +38,29 @@ def _outputs(hidden, weight, labels, mask, extra, backend, group):
     x2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     old = lp.detach() + 0.2 * extra["old"]
     loss, _ = fused_linear_policy_loss(
-        x2, w2, labels, old, extra["adv"], mask, backend=backend, process_group=group,
-        objective="aepo", entropy_coef=0.01,
-    )  # fmt: skip
+        x2,
+        w2,
+        labels,
+        old,
+        extra["adv"],
+        mask,
+        backend=backend,
+        process_group=group,
+        objective="aepo",
+        entropy_coef=0.01,
+    )
     ldx, ldw = torch.autograd.grad(loss, (x2, w2))
     return {"lp": lp, "ent": ent, "dx": dx, "dw": dw, "loss": loss, "ldx": ldx, "ldw": ldw}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
-        "gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}",
+        "gloo",
+        rank=rank,
+        world_size=WORLD,
+        init_method=f"tcp://127.0.0.1:{port}",
         timeout=timedelta(seconds=60),
-    )  # fmt: skip
+    )
     linear_triton.SPLIT_V = 128  # several splits per shard
     try:
         hidden, weight, labels, mask, extra = _inputs()

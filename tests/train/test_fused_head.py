@@ -1,0 +1,82 @@
+"""The trainer's fused hidden-state loss (objective.lm_head=fused) against its logits path on 2
+gloo ranks: the same old log-probs and entropy, the same loss, and after one optimizer step the
+same parameters, for a tied and an untied model at ZeRO stages 0 and 3 (under ZeRO-3 the lm_head
+weight is gathered for the kernel, forward and backward, and its gradient reaches the
+partitioned parameter like the model's own lm_head's would)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from aepo.models import build_model, save, train_tokenizer
+from aepo.train.engine import fused_head_blocker
+
+pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parents[1]
+WORKER = Path(__file__).with_name("fused_head_worker.py")
+TEXTS = [f"the {a} of {b} is {c}" for a in "xyz" for b in "abc" for c in ("p", "q", "r s")]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[bool, Path]:
+    tok = train_tokenizer(TEXTS * 4, vocab_size=300)
+    root = tmp_path_factory.mktemp("models")
+    return {
+        tied: save(
+            build_model(tok, hidden=64, layers=2, heads=2, tie_embeddings=tied),
+            tok,
+            root / f"tied{int(tied)}",
+        )
+        for tied in (False, True)
+    }
+
+
+def _run(model: Path, stage: int, out: Path) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)  # the trainer runs the torch backends on CPU
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
+    proc = subprocess.run(
+        [*cmd, str(model), str(stage), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "objective.lm_head=fused: policy loss from hidden states" in proc.stdout
+    return torch.load(out)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_head_equals_logits_path(models, tmp_path, stage, tied):
+    got = _run(models[tied], stage, tmp_path / "out.pt")
+    logits, fused = got["logits"], got["fused"]
+    assert fused["fused"] and not logits["fused"]
+    torch.testing.assert_close(fused["entropy"], logits["entropy"], rtol=1e-5, atol=1e-6)
+    for key in ("loss", "clip_frac_high", "clip_frac_low"):
+        assert fused["metrics"][key] == pytest.approx(logits["metrics"][key], rel=1e-5, abs=1e-7)
+    names = set(logits["params"])
+    assert (names == set(fused["params"]) and "lm_head.weight" in names) or tied
+    for name in sorted(names):
+        torch.testing.assert_close(
+            fused["params"][name], logits["params"][name], rtol=1e-5, atol=1e-6, msg=name
+        )
+
+
+def test_auto_refuses_a_biased_head():
+    model = build_model(train_tokenizer(TEXTS, vocab_size=300), hidden=64, heads=2)
+    assert fused_head_blocker(model) is None
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
+    assert fused_head_blocker(model) == "the lm_head has a bias"
+    model.config.final_logit_softcapping = 30.0
+    model.lm_head.bias = None
+    assert "final_logit_softcapping=30.0" in fused_head_blocker(model)
