@@ -30,3 +30,31 @@ def make_labels(shape, vocab: int, generator: torch.Generator, ignore_every: int
     if flat.numel() > 1:
         flat[::ignore_every] = -100
     return labels
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(worker, world: int, out_dir, timeout_s: float = 180) -> list[dict]:
+    """Run ``worker(rank, port, out_dir)`` on ``world`` spawned processes (a gloo group on a
+    free port) and load what each saved to ``out_dir/rank{r}.pt``; fails the test on a crash
+    (the worker's exception is re-raised) or after ``timeout_s``."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):  # raises ProcessRaisedException if a worker fails
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+                p.join()
+            pytest.fail("distributed workers timed out")
+    return [torch.load(f"{out_dir}/rank{r}.pt") for r in range(world)]

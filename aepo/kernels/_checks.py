@@ -120,3 +120,11 @@ def _check_label_range(labels: torch.Tensor, vocab: int, ignore_index: int) -> N
 
 def _names() -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in SUPPORTED_DTYPES)
+
+
+def mask_to_labels(mask: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """Labels with ``ignore_index`` wherever the loss mask [...] is 0 (shape-checked)."""
+    if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape:
+        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask shape {shape} must equal labels shape {tuple(labels.shape)}")
+    return torch.where(mask.bool(), labels, ignore_index)

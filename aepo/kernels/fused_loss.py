@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from aepo.kernels import _buffers, _launch
-from aepo.kernels._checks import check_logits_labels, check_temperature
+from aepo.kernels._checks import check_logits_labels, check_temperature, mask_to_labels
 from aepo.kernels.api import resolve_backend
 from aepo.kernels.logprob_entropy import logprobs_entropy_bwd, logprobs_entropy_fwd
 from aepo.kernels.torch_backend import chunked_backward, chunked_forward
@@ -100,11 +100,8 @@ def fused_policy_loss(
     few [..., T] fp32 vectors; nothing else of size V.
     """
     inv_t = check_temperature(temperature)
-    if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask shape {shape} must equal labels shape {tuple(labels.shape)}")
     ignore_index = -100
-    labels = torch.where(mask.bool(), labels, ignore_index)
+    labels = mask_to_labels(mask, labels, ignore_index)
     labels = check_logits_labels(logits, labels, ignore_index)
     backend = resolve_backend(backend, logits)
     if inplace_grad and logits.requires_grad and logits.is_leaf:

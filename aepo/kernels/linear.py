@@ -24,7 +24,12 @@ import torch
 import torch.distributed as dist
 
 from aepo.kernels import _launch, linear_torch
-from aepo.kernels._checks import check_hidden_weight, check_labels, check_temperature
+from aepo.kernels._checks import (
+    check_hidden_weight,
+    check_labels,
+    check_temperature,
+    mask_to_labels,
+)
 from aepo.kernels.api import resolve_backend
 from aepo.kernels.reference import accumulator_dtype, finish_pieces, merge_pieces
 from aepo.objectives import policy_loss
@@ -175,10 +180,7 @@ def fused_linear_policy_loss(
         (loss, metrics): equal in value and gradient to
         ``policy_loss(*linear_logprobs_and_entropy(hidden, weight, labels), ...)``.
     """
-    if not isinstance(mask, torch.Tensor) or mask.shape != labels.shape:
-        shape = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise ValueError(f"mask shape {shape} must equal labels shape {tuple(labels.shape)}")
-    labels = torch.where(mask.bool(), labels, -100)
+    labels = mask_to_labels(mask, labels)
     logp, entropy = linear_logprobs_and_entropy(
         hidden,
         weight,

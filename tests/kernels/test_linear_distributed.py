@@ -5,16 +5,14 @@ are refused on every rank."""
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from aepo.kernels import fused_linear_policy_loss, linear_logprobs_and_entropy, linear_triton
+from tests.helpers import spawn_ranks
 
 WORLD, N, H, V = 2, 23, 32, 301
 SPLIT = (150, 151)  # rank 0 owns ids [0, 150), rank 1 [150, 301)
@@ -81,24 +79,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    out_dir = tmp_path_factory.mktemp("ranks")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 180
-    while not ctx.join(timeout=1):  # raises ProcessRaisedException if a worker fails
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-                p.join()
-            pytest.fail("distributed workers timed out")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("ranks"), timeout_s=180)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -3,16 +3,14 @@ two gloo ranks holding half a batch each reproduce one process on the whole batc
 
 from __future__ import annotations
 
-import socket
-import time
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from aepo.objectives import entropy_aware_advantages, policy_loss
+from tests.helpers import spawn_ranks
 
 WORLD, B, T, COEF = 2, 6, 10, 0.2
 LENGTHS = (10, 7, 4, 9, 2, 6)  # halves hold 18 and 14 masked tokens (position 0 is "prompt")
@@ -72,24 +70,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    out_dir = tmp_path_factory.mktemp("ranks")
-    ctx = mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 120
-    while not ctx.join(timeout=1):  # raises ProcessRaisedException if a worker fails
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-                p.join()
-            pytest.fail("distributed workers timed out")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    return spawn_ranks(_worker, WORLD, tmp_path_factory.mktemp("ranks"), timeout_s=120)
 
 
 def test_batch_norm_matches_single_process(rank_results):
