@@ -10,7 +10,8 @@ own subprocess under a share of the time budget, each written to the report befo
           torch.compile and Liger-Kernel, with the bandwidth floor) and the hidden-state path
           (bench_linear.py, H=5120, V=151936: TFLOP/s and memory against matmul + logits and
           Liger's chunked loss)
-  sweep   (BLOCK_V, num_warps) of both logits kernels, best against the shipped default
+  sweep   launch configurations, best against the shipped default: (BLOCK_V, num_warps) of the
+          logits kernels, tiles / warps / stages of the hidden-state kernels (N=4096)
   memory  peak extra memory of every benchmarked variant (from the bench stage)
 
 Results: OUT/gpu_<device>_<date>.{md,json} (device, driver, torch, Triton), plus each stage's
@@ -86,8 +87,14 @@ def stage_commands(name: str, ctx: Context) -> list[list[str]]:
         linear += ["--hidden", str(ctx.hidden), "--vocab", str(ctx.vocabs[0])]
         return [*cmds, [*linear, f"--benchmark-json={ctx.path('_bench_linear.json')}"]]
     if name == "sweep":
-        sweep = [ctx.python, "benchmarks/sweep_kernels.py", *shape, "--vocab", str(ctx.vocabs[0])]
-        return [[*sweep, "--json", str(ctx.path("_sweep.json"))]]
+        sweep = [ctx.python, "benchmarks/sweep_kernels.py", "--dtype", ctx.dtype]
+        logits = [*sweep, "--kernel", "logits", "--n", str(ctx.n), "--vocab", str(ctx.vocabs[0])]
+        linear = [*sweep, "--kernel", "linear", "--n", str(min(ctx.n, 4096))]
+        linear += ["--hidden", str(ctx.hidden), "--vocab", str(ctx.vocabs[0])]
+        return [
+            [*logits, "--json", str(ctx.path("_sweep.json"))],
+            [*linear, "--json", str(ctx.path("_sweep_linear.json"))],
+        ]
     return []
 
 
@@ -143,8 +150,8 @@ def summarize_bench(ctx: Context) -> dict:
 
 
 def summarize_sweep(ctx: Context) -> dict:
-    path = ctx.path("_sweep.json")
-    return {"sweep": json.loads(path.read_text())} if path.exists() else {}
+    paths = [ctx.path("_sweep.json"), ctx.path("_sweep_linear.json")]
+    return {"sweep": [json.loads(p.read_text()) for p in paths if p.exists()]}
 
 
 def summarize_memory(ctx: Context) -> dict:
@@ -222,8 +229,8 @@ def render_report(env: dict, stages: dict) -> str:
                 report = json.loads(Path(path).read_text())
                 for vocab, rows in render_bench.collect(report).items():
                     lines += render_bench.render_vocab(vocab, rows)
-        if name == "sweep" and "sweep" in res:
-            lines += sweep_kernels.render(res["sweep"])
+        for result in res.get("sweep", []) if name == "sweep" else []:
+            lines += [*sweep_kernels.render(result), ""]
         if name == "memory":
             lines += ["| V | impl | op | peak extra MiB |", "|---:|---|---|---:|"]
             lines += [
