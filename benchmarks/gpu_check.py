@@ -201,7 +201,8 @@ def slug(device: str) -> str:
 
 def render_report(env: dict, stages: dict) -> str:
     """The markdown report of whatever stages have finished."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     import render_bench
     import sweep_kernels
 

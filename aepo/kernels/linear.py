@@ -124,14 +124,14 @@ def linear_logprobs_and_entropy(
         backend: "triton", "torch" (chunked plain torch) or "auto" (triton on CUDA, torch on
             CPU unless TRITON_INTERPRET=1).
         process_group: a vocab-parallel group, or None.
-        Under ZeRO-3 call it as the lm_head module's forward (as ``aepo train`` does), so
-        that the weight is gathered around the forward and the backward and its gradient is
-        accumulated while it is whole.
     Returns:
         (logp, entropy), each [...] float32 (float64 for float64 inputs), differentiable with
         respect to ``hidden`` and ``weight`` (entropy included).
     Memory: no [N, V] tensor. Saves (m, log s, H) per kept row; the backward allocates dX in
     fp32 [N, H], dW like ``weight`` and bounded tile workspaces.
+    ZeRO-3: call it as the lm_head module's forward (as ``aepo train`` does), so that the
+    weight is gathered around the forward and the backward and its gradient is accumulated
+    while it is whole.
     """
     inv_t = check_temperature(temperature)
     vocab_start, vocab_total = shard_layout(check_hidden_weight(hidden, weight), process_group)

@@ -39,9 +39,10 @@ def _run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("gate")
-    proc = _run(["benchmarks/kernel_resources.py", "--out", str(out)])
+    report = out / "report.json"
+    proc = _run(["benchmarks/kernel_resources.py", "--out", str(out), "--json", str(report)])
     assert (out / "kernel_resources.md").exists(), proc.stdout + proc.stderr
-    data = json.loads((out / "kernel_resources.json").read_text())
+    data = json.loads(report.read_text())
     data["markdown"] = (out / "kernel_resources.md").read_text()
     data["returncode"] = proc.returncode
     return data
