@@ -9,6 +9,8 @@ back as detached tensors.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 
@@ -248,6 +250,23 @@ def aggregate(
     return per_seq.sum() / n_seq
 
 
+def aggregation_weights(
+    mask: torch.Tensor,
+    agg: str = "token-mean",
+    normalizer: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[..., T] float64 weights w with ``aggregate(l, mask, agg, normalizer) == sum(w * l)``.
+
+    :func:`aggregate` is linear in the per-token losses, so w is its gradient (taken here by
+    autograd, so the two can never disagree). Lets a caller that sees the tokens in blocks
+    (the fused hidden-state loss) apply the whole batch's aggregation block by block.
+    """
+    probe = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device, requires_grad=True)
+    with torch.enable_grad():
+        (weights,) = torch.autograd.grad(aggregate(probe, mask, agg, normalizer), probe)
+    return weights
+
+
 def _masked_mean(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.where(w > 0, x.detach() * w, 0.0).sum() / w.sum().clamp(min=1)
 
@@ -297,6 +316,17 @@ def _check_policy_args(
         raise ValueError("entropy_coef != 0 needs the per-token entropy (entropy=...)")
     if kl_coef != 0 and ref_logp is None:
         raise ValueError("kl_coef != 0 needs the reference policy's log-probs (ref_logp=...)")
+
+
+def per_token_gradients(**policy_loss_kwargs) -> bool:
+    """Whether each token's dL/dlogp and dL/dH under ``policy_loss(..., **policy_loss_kwargs)``
+    depend on that token alone, up to :func:`aggregation_weights`: false only for AEPO's
+    entropy-aware advantage without precomputed ``entropy_stats`` (then every token's
+    advantage depends on the statistics of all the tokens' entropies)."""
+    kw = _POLICY_LOSS_DEFAULTS | policy_loss_kwargs
+    return not (kw["objective"] == "aepo" and kw["entropy_adv_coef"] != 0) or (
+        kw["entropy_stats"] is not None
+    )
 
 
 def policy_loss(
@@ -389,3 +419,10 @@ def policy_loss(
         loss_t = loss_t + kl_coef * kl
         metrics["kl_ref"] = _masked_mean(kl, mask.to(torch.float32))
     return aggregate(loss_t, mask, agg, normalizer), metrics
+
+
+_POLICY_LOSS_DEFAULTS = {
+    k: p.default
+    for k, p in inspect.signature(policy_loss).parameters.items()
+    if p.default is not inspect.Parameter.empty
+}

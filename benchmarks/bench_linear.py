@@ -3,13 +3,16 @@
 One op, ``loss``: forward + backward of the policy loss to d hidden and d weight. Impls:
 ``naive`` (matmul + log_softmax + gather + softmax entropy + loss, autograd), ``matmul+fused``
 (the matmul, then our logits kernels with the gradient written into the logits), ``aepo-linear``
-(``fused_linear_policy_loss``: logits never materialised; torch backend on CPU, triton on CUDA)
+(``fused_linear_policy_loss``: logits never materialised; torch backend on CPU, triton on CUDA),
+``aepo-linear-2pass`` (the same with the entropy-aware advantage's statistics taken inside the
+loss, which forces the recompute path; CPU only: on CUDA it is the path ``aepo-linear`` takes)
 and ``liger`` (Liger-Kernel's chunked ``LigerFusedLinearGRPOLoss``: the clipped GRPO loss
 without the entropy bonus, the entropy-aware advantage or the dual clip, so it computes less;
-chunks of one sequence). ``extra_info``: FLOPs counted as 8 N H V (forward matmul, and the
-backward's recompute, dX and dW), the achieved rate, and the peak extra memory of the timed
-round above its inputs **excluding** the d hidden and d weight outputs (measured in a fresh
-process per variant on CPU).
+chunks of one sequence). Every other AEPO variant gets precomputed mini-batch entropy
+statistics, as ``aepo train`` passes them (their values do not change the cost).
+``extra_info``: FLOPs counted as 8 N H V (forward matmul, and the backward's recompute, dX and
+dW), the achieved rate, and the peak extra memory of the timed round above its inputs
+**excluding** the d hidden and d weight outputs (measured in a fresh process per variant on CPU).
 
     pytest benchmarks/bench_linear.py --benchmark-json out.json             # CPU defaults
     pytest benchmarks/bench_linear.py --device cuda --n 16384 --hidden 5120 --vocab 151936
@@ -37,12 +40,16 @@ from aepo.objectives import policy_loss
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import DTYPES, _rss_kib, device_name
 
-IMPLS = ("naive", "matmul+fused", "aepo-linear", "liger")
+IMPLS = ("naive", "matmul+fused", "aepo-linear", "aepo-linear-2pass", "liger")
+ENTROPY_STATS = (torch.tensor(3.0), torch.tensor(1.0))  # (mean, std) of the mini-batch
 LOSS_KW = {"objective": "aepo", "entropy_coef": 0.01}
 COMPUTES = {
     "naive": "AEPO loss with entropy bonus; autograd over the [N, V] logits and temporaries",
     "matmul+fused": "the same; [N, V] logits written, gradient written into them",
-    "aepo-linear": "the same; logits never materialised (recomputed in the backward)",
+    "aepo-linear": "the same; logits never materialised (CPU: gradients in the forward, "
+    "6NHV; CUDA: recomputed in the backward)",
+    "aepo-linear-2pass": "the same, entropy statistics inside the loss: recomputed in the "
+    "backward (8NHV)",
     "liger": "clipped GRPO loss only (no entropy, no entropy-aware advantage, no dual clip)",
 }
 
@@ -83,18 +90,19 @@ def _liger():
 
 def loss(impl: str, x: torch.Tensor, w: torch.Tensor, case: Case) -> torch.Tensor:
     args = (case.labels, case.old_logp, case.advantages, case.mask)
+    stats = tuple(t.to(x.device) for t in ENTROPY_STATS)
+    kw = LOSS_KW | {"entropy_stats": None if impl == "aepo-linear-2pass" else stats}
+    backend = "triton" if x.is_cuda else "torch"
     if impl == "naive":
         logp, ent = naive_linear_logprobs_and_entropy(x, w, case.labels)
-        return policy_loss(logp, *args[1:], entropy=ent, **LOSS_KW)[0]
+        return policy_loss(logp, *args[1:], entropy=ent, **kw)[0]
     if impl == "matmul+fused":
-        backend = "triton" if x.is_cuda else "torch"
-        return fused_policy_loss(x @ w.T, *args, backend=backend, inplace_grad=True, **LOSS_KW)[0]
+        return fused_policy_loss(x @ w.T, *args, backend=backend, inplace_grad=True, **kw)[0]
     if impl == "liger":
         old = case.old_logp
         out = _liger()(x, w, case.labels, case.mask, case.seq_adv, old_per_token_logps=old)
         return out[0] if isinstance(out, tuple) else out
-    backend = "triton" if x.is_cuda else "torch"
-    return fused_linear_policy_loss(x, w, *args, backend=backend, **LOSS_KW)[0]
+    return fused_linear_policy_loss(x, w, *args, backend=backend, **kw)[0]
 
 
 def rounds(impl: str, case: Case, sync):
@@ -111,7 +119,9 @@ def rounds(impl: str, case: Case, sync):
     return setup, run
 
 
-def skip_reason(impl: str) -> str | None:
+def skip_reason(impl: str, device: str) -> str | None:
+    if impl == "aepo-linear-2pass" and device == "cuda":
+        return "on CUDA aepo-linear already runs the recompute path"
     if impl == "liger":
         try:
             import liger_kernel.chunked_loss  # noqa: F401
@@ -165,7 +175,7 @@ def hidden_size(request) -> int:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_loss(benchmark, bench_cfg, hidden_size, vocab, impl):
-    reason = skip_reason(impl)
+    reason = skip_reason(impl, bench_cfg.device)
     if reason:
         pytest.skip(reason)
     cfg, h = bench_cfg, hidden_size

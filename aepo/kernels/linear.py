@@ -32,7 +32,7 @@ from aepo.kernels._checks import (
 )
 from aepo.kernels.api import resolve_backend
 from aepo.kernels.reference import accumulator_dtype, finish_pieces, merge_pieces
-from aepo.objectives import policy_loss
+from aepo.objectives import aggregation_weights, per_token_gradients, policy_loss
 
 
 def _backend_module(backend: str):
@@ -133,6 +133,15 @@ def linear_logprobs_and_entropy(
     weight is gathered around the forward and the backward and its gradient is accumulated
     while it is whole.
     """
+    rows = _kept_rows(hidden, weight, labels, temperature, ignore_index, backend, process_group)
+    inv_t, backend, keep, x, local = rows
+    logp_k, ent_k = _LinearLogpEntropy.apply(x, weight, local, inv_t, backend, process_group)
+    return _scatter(logp_k, keep, labels.shape), _scatter(ent_k, keep, labels.shape)
+
+
+def _kept_rows(hidden, weight, labels, temperature, ignore_index, backend, process_group):
+    """Checked inputs as (1 / T, backend, keep [K] row indices, x [K, H], local [K] label
+    column in this rank's shard or -1)."""
     inv_t = check_temperature(temperature)
     vocab_start, vocab_total = shard_layout(check_hidden_weight(hidden, weight), process_group)
     labels = check_labels(labels, hidden, "hidden", "hidden", vocab_total, ignore_index)
@@ -142,12 +151,15 @@ def linear_logprobs_and_entropy(
     x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
     y = flat.index_select(0, keep) - vocab_start
     local = torch.where((y >= 0) & (y < weight.shape[0]), y, torch.full_like(y, -1))
-    logp_k, ent_k = _LinearLogpEntropy.apply(x, weight, local, inv_t, backend, process_group)
-    out_dtype = logp_k.dtype
-    zeros = torch.zeros(flat.shape, dtype=out_dtype, device=hidden.device)
-    logp = zeros.index_put((keep,), logp_k)
-    entropy = zeros.index_put((keep,), ent_k)
-    return logp.view(labels.shape), entropy.view(labels.shape)
+    return inv_t, backend, keep, x, local
+
+
+def _scatter(values: torch.Tensor, keep: torch.Tensor, shape) -> torch.Tensor:
+    """[K, ...] values of the kept rows -> [*shape, ...] with zeros elsewhere."""
+    if keep.numel() == shape.numel():
+        return values.view(*shape, *values.shape[1:])
+    zeros = values.new_zeros((shape.numel(), *values.shape[1:]))
+    return zeros.index_put_((keep,), values).view(*shape, *values.shape[1:])
 
 
 def fused_linear_policy_loss(
@@ -179,8 +191,17 @@ def fused_linear_policy_loss(
     Returns:
         (loss, metrics): equal in value and gradient to
         ``policy_loss(*linear_logprobs_and_entropy(hidden, weight, labels), ...)``.
+    Single pass: on the torch backend, for an fp32 / fp64 weight, without ``process_group``,
+    and when every token's gradient is its own (:func:`aepo.objectives.per_token_gradients`:
+    anything but AEPO's entropy-aware advantage without ``entropy_stats``; the trainer always
+    passes them), the loss and its gradients are computed together in the forward
+    (:func:`aepo.kernels.linear_torch.linear_loss_single_pass`: 6 N H V FLOPs instead of
+    8 N H V) and the backward only scales them by dL.
     """
     labels = mask_to_labels(mask, labels)
+    if _single_pass(hidden, weight, backend, process_group, policy_loss_kwargs):
+        tokens = (labels, old_logp, advantages, mask)
+        return _single_pass_loss(hidden, weight, *tokens, temperature, policy_loss_kwargs)
     logp, entropy = linear_logprobs_and_entropy(
         hidden,
         weight,
@@ -190,6 +211,96 @@ def fused_linear_policy_loss(
         process_group=process_group,
     )
     return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **policy_loss_kwargs)
+
+
+def _single_pass(hidden, weight, backend, process_group, loss_kwargs) -> bool:
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return (
+        wants_grad
+        and process_group is None
+        and weight.dtype == accumulator_dtype(weight.dtype)
+        and resolve_backend(backend, hidden) == "torch"
+        and per_token_gradients(**loss_kwargs)
+    )
+
+
+def _single_pass_loss(hidden, weight, labels, old_logp, advantages, mask, temperature, kw):
+    """The loss with its d hidden / d weight computed in the forward (see
+    :func:`fused_linear_policy_loss`)."""
+    with torch.no_grad():  # every argument checked before the expensive pass
+        zeros = torch.zeros(mask.shape, dtype=accumulator_dtype(hidden.dtype), device=mask.device)
+        policy_loss(zeros, old_logp, advantages, mask, entropy=zeros, **kw)
+    inv_t, _, keep, x, local = _kept_rows(hidden, weight, labels, temperature, -100, "torch", None)
+    token_grads = _block_gradients(keep, old_logp, advantages, mask, kw)
+    need_dw = weight.requires_grad
+    logp_k, ent_k, dx, dw = linear_torch.linear_loss_single_pass(
+        x.detach(), weight.detach(), local, inv_t, token_grads, need_dw
+    )
+    logp, entropy = _scatter(logp_k, keep, mask.shape), _scatter(ent_k, keep, mask.shape)
+    with torch.no_grad():
+        loss, metrics = policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **kw)
+    d_hidden = _scatter(dx.to(hidden.dtype), keep, mask.shape)
+    return _PrecomputedGradient.apply(hidden, weight, loss, d_hidden, dw), metrics
+
+
+def _block_gradients(keep, old_logp, advantages, mask, kw):
+    """``token_grads`` of :func:`~aepo.kernels.linear_torch.linear_loss_single_pass`: the
+    objective on one block of kept tokens, summed (agg="constant", normalizer 1), its per-token
+    gradients times the whole batch's aggregation weights."""
+    pick = lambda t: t.expand(mask.shape).reshape(-1).index_select(0, keep)
+    old, adv = pick(old_logp), pick(advantages)
+    weights = pick(aggregation_weights(mask, kw.get("agg", "token-mean"), kw.get("normalizer")))
+    ref = None if kw.get("ref_logp") is None else pick(kw["ref_logp"])
+    stats = kw.get("entropy_stats")
+    stats = None if stats is None else tuple(pick(torch.as_tensor(t)) for t in stats)
+    block_kw = kw | {"agg": "constant", "normalizer": 1.0, "group_ids": None}
+    block_kw |= {"process_group": None, "ref_logp": None, "entropy_stats": None}
+    needs_h = kw.get("entropy_coef", 0.0) != 0
+
+    def token_grads(r: slice, lp: torch.Tensor, h: torch.Tensor):
+        lp, h = lp.detach().requires_grad_(), h.detach().requires_grad_(needs_h)
+        with torch.enable_grad():
+            loss, _ = policy_loss(
+                lp,
+                old[r],
+                adv[r],
+                torch.ones_like(lp),
+                entropy=h,
+                **block_kw
+                | {
+                    "ref_logp": None if ref is None else ref[r],
+                    "entropy_stats": None if stats is None else tuple(t[r] for t in stats),
+                },
+            )
+            grads = torch.autograd.grad(loss, (lp, h) if needs_h else (lp,))
+        w = weights[r].to(lp.dtype)
+        return grads[0] * w, (grads[1] * w if needs_h else None)
+
+    return token_grads
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """Returns ``loss``; its backward hands out the d hidden and d weight computed with it,
+    scaled in place by dL (so a second backward through it is refused)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, loss, d_hidden, d_weight):
+        ctx.grads, ctx.used = (d_hidden, d_weight), False
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.used:
+            raise RuntimeError(
+                "fused_linear_policy_loss's single pass keeps one copy of its gradients: "
+                "backward through it runs once (retain_graph is not supported)"
+            )
+        ctx.used = True
+        d_hidden, d_weight = ctx.grads
+        ctx.grads = None
+        scale = lambda g, need: g.mul_(grad_loss.to(g.dtype)) if need and g is not None else None
+        d_hidden = scale(d_hidden, ctx.needs_input_grad[0])
+        return d_hidden, scale(d_weight, ctx.needs_input_grad[1]), None, None, None
 
 
 @_launch.gate_exercise

@@ -10,6 +10,7 @@ import torch
 from aepo.kernels import (
     fused_linear_policy_loss,
     fused_policy_loss,
+    linear,
     linear_logprobs_and_entropy,
     linear_torch,
     linear_triton,
@@ -25,6 +26,7 @@ def _small_tiles(monkeypatch):
     """Several vocabulary chunks / splits / backward slices and row chunks at test sizes."""
     monkeypatch.setattr(linear_torch, "VOCAB_CHUNK", 64)
     monkeypatch.setattr(linear_torch, "ROW_CHUNK", 16)
+    monkeypatch.setattr(linear_torch, "LOSS_BUFFER_BYTES", 2 * 16 * 300 * 8)  # 16 rows a block
     monkeypatch.setattr(linear_triton, "SPLIT_V", 256)
     monkeypatch.setattr(linear_triton, "WORKSPACE_BYTES", 4096)
 
@@ -194,6 +196,112 @@ def test_fused_linear_loss_equals_logits_loss(backend, objective):
     )
     for a, c in zip(ours, theirs, strict=True):
         torch.testing.assert_close(a, c, rtol=2e-5, atol=1e-6)
+
+
+def _loss_case(dtype, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    b, t, h, v = 4, 13, 24, 300  # 38-ish kept rows: three 16-row blocks, the last ragged
+    hidden = torch.randn(b, t, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) * 0.3).to(dtype)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    mask = (torch.rand(b, t, generator=g) > 0.3).float()
+    mask[1] = 0  # an empty sequence
+    old_logp = -5.5 + 0.3 * torch.randn(b, t, generator=g)
+    return hidden, weight, labels, old_logp, torch.randn(b, t, generator=g), mask
+
+
+def _loss_and_grads(case, monkeypatch, single: bool, **kw):
+    """(loss, metrics, d hidden, d weight) with the single pass allowed or forbidden; checks
+    that the path asked for is the one taken."""
+    calls = []
+    real = linear_torch.linear_loss_single_pass
+    monkeypatch.setattr(
+        linear_torch, "linear_loss_single_pass", lambda *a: calls.append(1) or real(*a)
+    )
+    if not single:
+        monkeypatch.setattr(linear, "_single_pass", lambda *a: False)
+    hidden, weight, *rest = case
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = fused_linear_policy_loss(x, w, *rest, backend="torch", **kw)
+    loss.backward()
+    monkeypatch.undo()
+    assert bool(calls) == single
+    return loss, metrics, x.grad, w.grad
+
+
+STATS = (torch.tensor(2.5), torch.tensor(0.8))
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_single_pass_equals_recompute_path(monkeypatch, objective, agg):
+    """The gradients-in-the-forward path (6NHV) gives the recompute path's loss, metrics and
+    gradients for every objective and aggregation (entropy bonus, KL term, temperature):
+    equal to 1e-10 in fp64; in fp32 within the tolerance rule against fp64 (the two paths sum
+    the rows' contributions in different orders)."""
+    case = _loss_case(torch.float32)
+    double = tuple(t.double() if t.is_floating_point() else t for t in case)
+    kw = {"objective": objective, "agg": agg, "entropy_coef": 0.01, "temperature": 0.7}
+    kw |= {"entropy_stats": STATS, "kl_coef": 0.05}
+    runs = {}
+    for name, c in (("fp32", case), ("fp64", double)):
+        kw["ref_logp"] = c[3] + 0.2
+        for single in (True, False):
+            runs[name, single] = _loss_and_grads(c, monkeypatch, single, **kw)
+    ref = runs["fp64", True]
+    for i, name in enumerate(("loss", "metrics", "dx", "dw")):
+        a, b = runs["fp64", True][i], runs["fp64", False][i]
+        torch.testing.assert_close(
+            a, b, rtol=1e-10, atol=0, msg=lambda m, name=name: f"{name}: {m}"
+        )
+        if name != "metrics":
+            ours, plain = runs["fp32", True][i], runs["fp32", False][i]
+            assert_within_rule(name, ours, plain, ref[i], torch.float32)
+    ours = runs["fp32", True]
+    assert ours[2][1].abs().max() == 0  # the empty sequence's hidden rows get exactly zero
+    assert ours[3].abs().min() > 0 or objective == "cispo"  # every vocab row got a gradient
+
+
+def test_single_pass_group_statistics_and_frozen_weight(monkeypatch):
+    """Per-sequence entropy statistics ([B, 1], the "group" normalisation precomputed) are
+    broadcast per token; a frozen weight skips dW; a second backward is refused."""
+    case = _loss_case(torch.float64)
+    stats = (2.0 + torch.rand(4, 1, dtype=torch.float64), 0.5 + torch.rand(4, 1))
+    kw = {"entropy_stats": stats, "entropy_adv_norm": "group"}
+    single = _loss_and_grads(case, monkeypatch, True, **kw)
+    recompute = _loss_and_grads(case, monkeypatch, False, **kw)
+    for a, b in zip(single, recompute, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=0)
+    hidden, weight, *rest = case
+    x = hidden.clone().requires_grad_()
+    loss, _ = fused_linear_policy_loss(x, weight, *rest, backend="torch", **kw)
+    (dx,) = torch.autograd.grad(loss, x, retain_graph=True)
+    torch.testing.assert_close(dx, single[2])
+    with pytest.raises(RuntimeError, match="backward through it runs once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize(
+    "why, kw, dtype, grad",
+    [
+        ("entropy statistics inside the loss", {}, torch.float32, True),
+        (
+            "bf16 weight: no fp32 dW to accumulate into",
+            {"entropy_stats": STATS},
+            torch.bfloat16,
+            True,
+        ),
+        ("nothing to differentiate", {"entropy_stats": STATS}, torch.float32, False),
+    ],
+)
+def test_recompute_path_where_single_pass_does_not_apply(monkeypatch, why, kw, dtype, grad):
+    calls = []
+    monkeypatch.setattr(linear_torch, "linear_loss_single_pass", lambda *a: calls.append(a))
+    hidden, weight, *rest = _loss_case(dtype)
+    x = hidden.clone().requires_grad_(grad)
+    loss, _ = fused_linear_policy_loss(x, weight, *rest, backend="torch", **kw)
+    assert not calls, why
+    assert loss.isfinite()
 
 
 def test_gradcheck_float64_torch_backend():

@@ -10,9 +10,12 @@ import torch
 from aepo.objectives import (
     AGGREGATIONS,
     OBJECTIVES,
+    aggregate,
+    aggregation_weights,
     entropy_aware_advantages,
     entropy_statistics,
     group_advantages,
+    per_token_gradients,
     policy_loss,
 )
 
@@ -236,3 +239,33 @@ def test_metrics_are_detached_tensors():
     for value in metrics.values():
         assert isinstance(value, torch.Tensor) and not value.requires_grad and value.dim() == 0
     assert metrics["clip_frac_high"].item() == 1.0  # ratio e^0.5 > 1.2 everywhere, A > 0
+
+
+@pytest.mark.parametrize("agg", AGGREGATIONS)
+@pytest.mark.parametrize("normalizer", [None, 7.0])
+def test_aggregation_weights_reproduce_aggregate(agg, normalizer):
+    """sum(w * l) equals aggregate(l) for random losses, with a ragged mask (one empty
+    sequence), and the weights are computed by hand for token-mean / seq-mean-token-mean."""
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.rand(4, 6, generator=g) > 0.4).float()
+    mask[2] = 0
+    weights = aggregation_weights(mask, agg, normalizer)
+    for _ in range(3):
+        loss = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        expected = aggregate(loss, mask, agg, normalizer)
+        torch.testing.assert_close((weights * loss).sum(), expected, rtol=1e-12, atol=1e-12)
+    if agg == "token-mean" and normalizer is None:
+        torch.testing.assert_close(weights, mask.double() / mask.sum())
+    if agg == "seq-mean-token-mean" and normalizer is None:
+        per_seq = mask.double() / mask.sum(-1, keepdim=True).clamp(min=1)
+        torch.testing.assert_close(weights, per_seq / (mask.sum(-1) > 0).sum())
+
+
+def test_per_token_gradients_only_fails_for_in_loss_entropy_statistics():
+    stats = (torch.tensor(1.0), torch.tensor(2.0))
+    assert not per_token_gradients()  # aepo, entropy_adv_coef 0.2, statistics inside the loss
+    assert not per_token_gradients(objective="aepo", entropy_adv_norm="group")
+    assert per_token_gradients(entropy_stats=stats)
+    assert per_token_gradients(objective="aepo", entropy_adv_coef=0.0)
+    for objective in set(OBJECTIVES) - {"aepo"}:
+        assert per_token_gradients(objective=objective)
