@@ -185,31 +185,54 @@ class PolicyEngine:
         (:func:`aepo.kernels.linear_logprobs_and_entropy`), the logits never materialised.
 
         ``labels`` [B, L] (-100 = skip) are packed like :meth:`logits`' outputs; so are the
-        returned logp and entropy. The call goes through the DeepSpeed engine's forward, and the
-        kernel runs as the lm_head module's forward (both redirected for the duration of the
-        call): ZeRO-3 gathers the weight around it and again around its backward, and the
-        weight's gradient is accumulated and reduced exactly as the model's own lm_head's.
+        returned logp and entropy. See :meth:`_through_head` for ZeRO-3.
         """
         from aepo.kernels import linear_logprobs_and_entropy
 
+        def head_call(hidden, weight, pack_like):
+            return linear_logprobs_and_entropy(hidden, weight, pack_like(labels), **kernel_kwargs)
+
+        (logp, entropy), keep = self._through_head(input_ids, attention_mask, head_call)
+        return logp, entropy, keep
+
+    def fused_loss(self, input_ids, attention_mask, labels, old_logp, advantages, mask, **kw):
+        """(loss, metrics) of :func:`aepo.kernels.fused_linear_policy_loss` on rows [B, L]
+        (``labels``, ``old_logp``, ``advantages``, ``mask`` [B, L], packed here like
+        :meth:`logits`' outputs), run as the lm_head's forward (:meth:`_through_head`); its
+        single pass computes the gradients with the loss where it applies."""
+        from aepo.kernels import fused_linear_policy_loss
+
+        def head_call(hidden, weight, pack_like):
+            tokens = (pack_like(t) for t in (labels, old_logp, advantages, mask))
+            return fused_linear_policy_loss(hidden, weight, *tokens, **kw)
+
+        return self._through_head(input_ids, attention_mask, head_call)[0]
+
+    def _through_head(self, input_ids, attention_mask, head_call):
+        """(head_call's result, keep): the engine's forward with the backbone's last hidden
+        states handed to ``head_call(hidden, lm_head.weight, pack_like)`` in place of the
+        lm_head (``pack_like`` packs a [B, L] tensor like the hidden states).
+
+        The call goes through the DeepSpeed engine's forward, and ``head_call`` runs as the
+        lm_head module's forward (both redirected for the duration of the call): ZeRO-3
+        gathers the weight around it and again around its backward, and the weight's gradient
+        is accumulated and reduced exactly as the model's own lm_head's.
+        """
         module = self.engine.module
         backbone, head = getattr(module, module.base_model_prefix), module.get_output_embeddings()
         device = self.engine.device
         ids, attn = input_ids.to(device), attention_mask.to(device)
         keep = attn.bool() if self.packed else None
-        y = pack(labels.to(device), keep)
-
-        def head_forward(hidden):
-            return linear_logprobs_and_entropy(hidden, head.weight, y, **kernel_kwargs)
-
+        pack_like = lambda t: pack(t.to(device), keep)
         forward = lambda **kw: head(backbone(**kw).last_hidden_state)
+        head_forward = lambda hidden: head_call(hidden, head.weight, pack_like)
         with _redirect(module, forward), _redirect(head, head_forward):
             if keep is None:
-                logp, entropy = self.engine(input_ids=ids, attention_mask=attn)
+                out = self.engine(input_ids=ids, attention_mask=attn)
             else:
                 positions = (keep.cumsum(-1) - 1)[keep][None]
-                logp, entropy = self.engine(input_ids=ids[keep][None], position_ids=positions)
-        return logp, entropy, None if keep is None else keep.cpu()
+                out = self.engine(input_ids=ids[keep][None], position_ids=positions)
+        return out, None if keep is None else keep.cpu()
 
     def backward(self, loss: torch.Tensor) -> None:
         """Our losses are already normalised by the global token count: no 1/GAS scaling."""

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from aepo.evaluate import group_label
 from aepo.kernels import fused_policy_loss, logprobs_and_entropy
-from aepo.objectives import entropy_statistics, group_advantages, policy_loss
+from aepo.objectives import entropy_statistics, group_advantages
 from aepo.rollout.branching import BranchConfig
 from aepo.rollout.engines.base import GenRequest, SamplingConfig
 from aepo.rollout.trajectory import flatten
@@ -262,18 +262,16 @@ class Trainer:
     def _micro_loss(self, batch, r: slice, **kwargs):
         """The policy loss of micro-batch rows ``r``, from hidden states or from logits."""
         kwargs |= self.loss_kwargs
-        keys = ("old_logp", "advantages", "mask")
-        if self.fused_head:  # rows with mask 0 are dropped before the matmuls
-            labels = torch.where(batch["mask"][r].bool(), batch["labels"][r], -100)
-            logp, entropy, keep = self._logprobs(batch, r, labels)
-            old, adv, m = (pack(batch[k][r], keep).to(logp.device) for k in keys)
-            return policy_loss(logp, old, adv, m, entropy=entropy, **kwargs)
-        logits, keep = self.policy.logits(batch["input_ids"][r], batch["attention_mask"][r])
-        labels, old, adv, m = (pack(batch[k][r], keep).to(logits.device) for k in ("labels", *keys))
         kwargs |= {
             "temperature": self.cfg.rollout.temperature,
             "backend": self.cfg.objective.backend,
         }
+        rows = (batch["input_ids"][r], batch["attention_mask"][r])
+        tokens = [batch[k][r] for k in ("labels", "old_logp", "advantages", "mask")]
+        if self.fused_head:  # rows with mask 0 are dropped before the matmuls
+            return self.policy.fused_loss(*rows, *tokens, **kwargs)
+        logits, keep = self.policy.logits(*rows)
+        labels, old, adv, m = (pack(t, keep).to(logits.device) for t in tokens)
         return fused_policy_loss(logits, labels, old, adv, m, inplace_grad=True, **kwargs)
 
     def _mini_batch(self, batch, rows: slice) -> dict[str, float]:

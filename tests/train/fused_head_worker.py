@@ -13,6 +13,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
 
 from aepo.train.config import load_config
 from aepo.train.engine import PolicyEngine, init_distributed
@@ -40,6 +41,22 @@ def make_batch(vocab: int, rank: int) -> dict[str, torch.Tensor]:
     }
 
 
+def capture_gradients(policy: PolicyEngine) -> dict[str, torch.Tensor]:
+    """Fills the returned dict with every parameter's full (reduced, unpartitioned) gradient
+    just before the optimizer step, on every rank (under ZeRO-3 it is a collective)."""
+    grads: dict[str, torch.Tensor] = {}
+    real_step = policy.step
+
+    def step() -> None:
+        if policy.engine.is_gradient_accumulation_boundary():
+            for name, param in policy.engine.module.named_parameters():
+                grads[name] = safe_get_full_grad(param).detach().float().cpu().clone()
+        real_step()
+
+    policy.step = step
+    return grads
+
+
 def run(model_dir: str, stage: int, mode: str) -> dict:
     overrides = [
         f"deepspeed.zero_stage={stage}",
@@ -50,6 +67,7 @@ def run(model_dir: str, stage: int, mode: str) -> dict:
         "task.prompts_per_step=1",
         "rollout.k=4",
         "optim.lr=0.01",
+        "optim.grad_clip=0",  # see the note in test_fused_head.py
     ]
     cfg = load_config(None, overrides)
     trainer = Trainer.__new__(Trainer)  # the update path only: no rollout engine, no task
@@ -63,10 +81,12 @@ def run(model_dir: str, stage: int, mode: str) -> dict:
     batch["old_logp"], batch["entropy"] = trainer._recompute(batch)
     noise = torch.randn(B, L, generator=torch.Generator().manual_seed(7 + trainer.rank))
     batch["old_logp"] = batch["old_logp"] + 0.05 * noise  # ratios != 1: some are clipped
+    grads = capture_gradients(trainer.policy)
     metrics = trainer._mini_batch(batch, slice(0, B))
     params = {n: t for bucket in trainer.policy.gathered_parameters() for n, t in bucket}
     out = {
         "params": params,
+        "grads": grads,
         "metrics": metrics,
         "entropy": batch["entropy"],
         "fused": trainer.fused_head,
