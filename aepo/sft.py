@@ -14,12 +14,17 @@ import torch
 from tqdm import tqdm
 
 
-def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """-> (ids, loss mask) for prompt + response + EOS; tool-result spans get mask 0."""
-    p = tokenizer.encode(prompt)  # as the trainer and the rollout encode prompts
+def encode_example(
+    tokenizer, prompt: str | list[int], response: str, result_tag: str = "result"
+) -> tuple[list[int], list[int]]:
+    """-> (ids, loss mask) for prompt + response + EOS; tool-result spans get mask 0.
+
+    ``prompt``: text (encoded as the trainer encodes a plain prompt) or token ids (e.g. a
+    rendered chat template); ``<result_tag>`` and ``</result_tag>`` must be single tokens."""
+    p = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     r = [*tokenizer.encode(response, add_special_tokens=False), tokenizer.eos_token_id]
-    open_id = tokenizer.convert_tokens_to_ids("<result>")
-    close_id = tokenizer.convert_tokens_to_ids("</result>")
+    open_id = tokenizer.convert_tokens_to_ids(f"<{result_tag}>")
+    close_id = tokenizer.convert_tokens_to_ids(f"</{result_tag}>")
     mask, inside = [], False
     for tok in r:
         if tok == open_id:

@@ -31,6 +31,7 @@ class RolloutConfig:
     window: int = 20  # W: tokens of a segment whose mean entropy is its H_seg
     tool_tags: tuple[str, ...] = ("search", "python")  # <tag>query</tag> calls tool "tag"
     answer_tag: str = "answer"  # </answer> ends the trajectory
+    result_tag: str = "result"  # tool results are inserted as \n<result>\n...\n</result>\n
     seed: int = 0  # run seed; every draw derives from (seed, step, prompt, path, ...)
     tool_workers: int = 4  # tool calls run concurrently in this many threads
 
@@ -60,8 +61,8 @@ class TreeRollout:
         tags = "|".join(map(re.escape, c.tool_tags))
         self._call_re = re.compile(rf"<({tags})>(.*?)</\1>", re.S)
         self._log_v = math.log(engine.vocab_size)
-        self._open = tokenizer.encode("\n<result>\n", add_special_tokens=False)
-        self._close = tokenizer.encode("\n</result>\n", add_special_tokens=False)
+        self._open = tokenizer.encode(f"\n<{c.result_tag}>\n", add_special_tokens=False)
+        self._close = tokenizer.encode(f"\n</{c.result_tag}>\n", add_special_tokens=False)
 
     def run(self, prompts: Sequence[list[int]], step: int = 0, group_offset: int = 0):
         c, t0 = self.config, time.perf_counter()

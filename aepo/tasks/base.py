@@ -34,7 +34,7 @@ class Task(Protocol):
 
 
 _REGISTRY: dict[str, Callable[..., Task]] = {}
-TASK_MODULES = ("aepo.tasks.toy", "aepo.tasks.synthhop.task")
+TASK_MODULES = ("aepo.tasks.toy", "aepo.tasks.synthhop.task", "aepo.tasks.qa")
 
 
 def register(name: str):
@@ -45,10 +45,17 @@ def register(name: str):
     return wrap
 
 
-def get_task(name: str, options: Mapping[str, Any] | None = None) -> Task:
-    """Instantiate a registered task; unknown names list the registered ones."""
+def get_task(
+    name: str, options: Mapping[str, Any] | None = None, cache_dir: str | Path | None = None
+) -> Task:
+    """Instantiate a registered task; unknown names list the registered ones. A task class
+    with ``uses_cache_dir = True`` gets ``cache_dir`` (e.g. the run's, for a search index)
+    unless its options set one."""
     for module in TASK_MODULES:  # each registers itself on import
         importlib.import_module(module)
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**dict(options or {}))
+    factory, options = _REGISTRY[name], dict(options or {})
+    if getattr(factory, "uses_cache_dir", False) and cache_dir is not None:
+        options.setdefault("cache_dir", str(cache_dir))
+    return factory(**options)

@@ -92,6 +92,14 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class EvalSection:
+    k: int = 4  # sampled rollouts per question for pass@k (1: greedy only)
+    temperature: float = 1.0  # sampling temperature of the pass@k rollouts
+    max_questions: int | None = None  # evaluate the first N eval questions (None: all)
+    batch_size: int = 256  # questions per rollout batch
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -101,6 +109,7 @@ class TrainConfig:
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 CHOICES = {
@@ -200,6 +209,8 @@ def _validate(cfg: TrainConfig) -> None:
         "rollout.k": cfg.rollout.k,
         "task.prompts_per_step": cfg.task.prompts_per_step,
         "optim.micro_batch_size": cfg.optim.micro_batch_size,
+        "eval.k": cfg.eval.k,
+        "eval.batch_size": cfg.eval.batch_size,
     }
     for key, value in positive.items():
         if value < 1:

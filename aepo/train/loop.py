@@ -32,7 +32,8 @@ from aepo.train.metrics import MetricsLogger
 TIMING_KEYS = ("time_rollout", "time_train", "time_sync", "gen_tokens_per_s")
 
 
-def rollout_config(cfg: TrainConfig) -> RolloutConfig:
+def rollout_config(cfg: TrainConfig, protocol: dict | None = None) -> RolloutConfig:
+    """The rollout's settings; ``protocol``: a task's tool_tags / result_tag / answer_tag."""
     r = cfg.rollout
     branch = BranchConfig(
         mode=r.mode,
@@ -53,7 +54,17 @@ def rollout_config(cfg: TrainConfig) -> RolloutConfig:
         max_result_tokens=r.max_result_tokens,
         window=r.window,
         seed=cfg.run.seed,
+        **(protocol or {}),
     )
+
+
+def prompt_encoder(task, tokenizer):
+    """sample -> prompt token ids: the task's ``encode_prompt`` (e.g. through the chat
+    template) when it has one, else ``tokenizer.encode(sample["prompt"])``."""
+    encode = getattr(task, "encode_prompt", None)
+    if encode is not None:
+        return lambda sample: encode(sample, tokenizer)
+    return lambda sample: tokenizer.encode(sample["prompt"])
 
 
 def make_engine(cfg: TrainConfig, model_path: str, world: int, tokenizer):
@@ -86,7 +97,7 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = init_distributed()
         self.run_dir = Path(cfg.run.dir)
-        self.task = get_task(cfg.task.name, cfg.task.options)
+        self.task = get_task(cfg.task.name, cfg.task.options, self.run_dir / "cache")
         self.samples = list(self.task.samples("train"))
         self.group_key = getattr(self.task, "metric_group", None)
         self.groups = sorted({s[self.group_key] for s in self.samples}) if self.group_key else []
@@ -97,8 +108,12 @@ class Trainer:
         self.policy = PolicyEngine(cfg, model_path, self.mini // cfg.optim.micro_batch_size)
         self.engine = make_engine(cfg, model_path, self.world, self.tokenizer)
         self.rollout = TreeRollout(
-            self.engine, self.tokenizer, self.task.tools(), rollout_config(cfg)
+            self.engine,
+            self.tokenizer,
+            self.task.tools(),
+            rollout_config(cfg, getattr(self.task, "protocol", None)),
         )
+        self.encode_prompt = prompt_encoder(self.task, self.tokenizer)
         self.loss_kwargs = cfg.objective.policy_loss_kwargs()
         self.loss_kwargs.pop("entropy_adv_norm")
         self.fused_head = choose_lm_head(cfg.objective.lm_head, self.policy, self.rank)
@@ -164,7 +179,7 @@ class Trainer:
     def step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         samples = self.prompts_for(step)
-        prompts = [self.tokenizer.encode(s["prompt"]) for s in samples]
+        prompts = [self.encode_prompt(s) for s in samples]
         group0 = (step * self.world + self.rank) * len(samples)
         out = self.rollout.run(prompts, step=step, group_offset=group0)
         rewards = self._score(out.trajectories, samples)

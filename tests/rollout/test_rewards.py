@@ -152,8 +152,37 @@ def test_custom_tool_tags_and_reserved_names():
     text = "<browse>url</browse><result>page</result><answer>x</answer>"
     assert check_format(text, tool_tags=("browse",)) == (True, "ok")
     assert not check_format(text, tool_tags=("search",))[0]  # <result> without a known call
-    with pytest.raises(ValueError, match="invalid tool tags"):
+    with pytest.raises(ValueError, match="tags collide"):
         check_format(text, tool_tags=("answer",))
+    with pytest.raises(ValueError, match="invalid tags"):
+        check_format(text, tool_tags=("a b",))
+
+
+def test_renamed_result_and_answer_tags():
+    """Search-R1's protocol: <information> for results, <answer> kept; and a renamed answer."""
+    text = "<search>q</search>\n<information>doc</information>\n<final>Paris</final>"
+    kw = {"tool_tags": ("search",), "result_tag": "information", "answer_tag": "final"}
+    assert check_format(text, **kw) == (True, "ok")
+    assert check_format(text)[0] is False  # with the default tags the call has no <result>
+    cfg = RewardConfig(
+        metric="em",
+        tool_tags=("search",),
+        result_tag="information",
+        answer_tag="final",
+        tool_bonus=0.0,
+    )
+    res = qa_reward(text, "paris", cfg)
+    assert (res.reward, res.answer, res.tool_calls) == (1.0, "Paris", {"search": 1})
+    with pytest.raises(ValueError, match="tags collide"):
+        RewardConfig(result_tag="answer")
+
+
+def test_contains_metric():
+    cfg = RewardConfig(metric="contains", bonus_tools=())
+    assert qa_reward("<answer>it is Paris, France</answer>", "paris", cfg).reward == 1.0
+    assert qa_reward("<answer>Parisian</answer>", "paris", cfg).reward == 0.0  # whole words
+    with pytest.raises(ValueError, match="metric must be one of f1, em, contains"):
+        RewardConfig(metric="bleu")
 
 
 def test_count_tool_calls_ignores_result_content():

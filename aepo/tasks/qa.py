@@ -1,0 +1,232 @@
+"""``task.name: qa``: train and evaluate on your own question/answer data, from YAML alone.
+
+Options (``task.options``; every key optional except ``train``):
+
+```yaml
+task:
+  name: qa
+  options:
+    train: data/train.jsonl          # JSONL or Parquet: question + answers (str or list)
+    eval: data/eval.jsonl            # default: the train file
+    # hf_dataset: path/saved_with_save_to_disk, split: train   (instead of train/eval files)
+    question_key: question
+    answers_key: answers
+    id_key: id
+    group_key: null                  # a column to log exact match by (e.g. hops)
+    system_prompt: "..."             # placeholders: {tools} {tool_tags} {result_tag} {answer_tag}
+    user_template: "{question}"      # placeholders: any field of the row
+    protocol: {result_tag: result, answer_tag: answer}
+    tools:
+      search: {corpus: data/corpus.jsonl, top_k: 3}   # or {url: http://host:8000/retrieve}
+      python: {timeout_s: 5, memory_mb: 256}          # the sandboxed python tool
+    reward: {metric: em, format_penalty: -0.1, tool_bonus: 0.0}
+    # reward: {function: "my_module:my_reward"}       # a RewardFn: (text, sample) -> RewardResult
+```
+
+Prompts go through the tokenizer's chat template when it has one (system turn, the question
+as the user turn, generation from the assistant turn); otherwise the system prompt and the
+question are joined as plain text, as the built-in tasks do. Tool calls, results and the
+answer are tagged text inside the assistant turn (Search-R1 style), so the rollout masks stay
+exactly the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import importlib
+import string
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aepo.rollout.rewards import QAReward, RewardConfig, RewardFn, check_tags
+from aepo.tasks.base import register
+from aepo.tasks.qa_data import DataError, Fields, cached_search_tool, open_rows, qa_rows
+
+DEFAULT_SYSTEM = (
+    "Answer the question. You may call tools: {tools}. Call one by writing "
+    "<tool>query</tool>; its output then appears inside <{result_tag}> </{result_tag}>. "
+    "Give the final answer as <{answer_tag}> answer </{answer_tag}>."
+)
+TOOL_HELP = {
+    "search": "<search> query </search> searches the documents",
+    "python": "<python> code </python> runs Python and shows what it prints",
+}
+SYSTEM_FIELDS = ("tools", "tool_tags", "result_tag", "answer_tag")
+KNOWN_OPTIONS = (
+    "train",
+    "eval",
+    "hf_dataset",
+    "split",
+    "eval_split",
+    "question_key",
+    "answers_key",
+    "id_key",
+    "group_key",
+    "system_prompt",
+    "user_template",
+    "protocol",
+    "tools",
+    "reward",
+    "cache_dir",
+)
+
+
+def _placeholders(template: str, allowed, key: str) -> None:
+    """Raise DataError naming an unknown ``{placeholder}`` of ``template``."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise DataError(f"task.options.{key}: malformed template: {exc}") from exc
+    for name in names:
+        if name not in allowed:
+            raise DataError(
+                f"task.options.{key}: unknown placeholder {{{name}}}; "
+                f"available: {', '.join('{' + a + '}' for a in allowed)}"
+            )
+
+
+def load_reward_function(spec: str) -> RewardFn:
+    """``"package.module:function"`` -> the function (a :class:`RewardFn`)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise DataError(f"task.options.reward.function {spec!r}: expected 'module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise DataError(f"task.options.reward.function {spec!r} cannot be imported: {exc}") from exc
+    if not callable(fn):
+        raise DataError(f"task.options.reward.function {spec!r} is not callable")
+    return fn
+
+
+@register("qa")
+class QATask:
+    """A question-answering task over the user's files; see the module docstring."""
+
+    name = "qa"
+    uses_cache_dir = True  # the search index is cached in the run's directory
+
+    def __init__(self, **options: Any):
+        if unknown := sorted(set(options) - set(KNOWN_OPTIONS)):
+            raise DataError(
+                f"unknown task.options key {unknown[0]!r}; valid: {', '.join(KNOWN_OPTIONS)}"
+            )
+        self.options = options
+        self.fields = Fields(
+            options.get("question_key", "question"),
+            options.get("answers_key", "answers"),
+            options.get("id_key", "id"),
+            options.get("group_key"),
+        )
+        self.metric_group = self.fields.group
+        self.tool_options = dict(options.get("tools") or {"search": {}})
+        if unknown := sorted(set(self.tool_options) - set(TOOL_HELP)):
+            raise DataError(f"task.options.tools: unknown tool {unknown[0]!r}; have search, python")
+        protocol = dict(options.get("protocol") or {})
+        self.result_tag = protocol.pop("result_tag", "result")
+        self.answer_tag = protocol.pop("answer_tag", "answer")
+        if protocol:
+            raise DataError(f"task.options.protocol: unknown key {sorted(protocol)[0]!r}")
+        self.tool_tags = tuple(self.tool_options)
+        try:
+            check_tags(self.tool_tags, self.result_tag, self.answer_tag)
+        except ValueError as exc:
+            raise DataError(f"task.options.protocol / tools: {exc}") from exc
+        self.system = options.get("system_prompt", DEFAULT_SYSTEM)
+        self.user = options.get("user_template", "{question}")
+        _placeholders(self.system, SYSTEM_FIELDS, "system_prompt")
+        self._splits = {split: self._load(split) for split in ("train", "eval")}
+        _placeholders(self.user, sorted(self._splits["train"][0]), "user_template")
+        self.reward = self._reward(dict(options.get("reward") or {}))
+
+    @property
+    def protocol(self) -> dict[str, Any]:
+        """Rollout tags: tool calls, the inserted result and the answer."""
+        return {
+            "tool_tags": self.tool_tags,
+            "result_tag": self.result_tag,
+            "answer_tag": self.answer_tag,
+        }
+
+    def _load(self, split: str) -> list[dict[str, Any]]:
+        o = self.options
+        if o.get("hf_dataset") is not None:
+            name = o.get("split", "train") if split == "train" else o.get("eval_split", "test")
+            data = open_rows(hf_dataset=o["hf_dataset"], split=name)
+            return qa_rows(data, f"{o['hf_dataset']}[{name}]", self.fields)
+        path = o.get(split) or (o.get("train") if split == "eval" else None)
+        if path is None:
+            raise DataError("task.options.train: the qa task needs a train file (or hf_dataset)")
+        return qa_rows(open_rows(path), str(path), self.fields)
+
+    def _reward(self, cfg: dict[str, Any]) -> RewardFn:
+        if "function" in cfg:
+            return load_reward_function(cfg.pop("function"))
+        tags = {
+            "tool_tags": self.tool_tags,
+            "result_tag": self.result_tag,
+            "answer_tag": self.answer_tag,
+        }
+        cfg.setdefault("bonus_tools", list(self.tool_tags))
+        cfg["bonus_tools"] = tuple(cfg["bonus_tools"])
+        try:
+            return QAReward(RewardConfig(**(tags | cfg)))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"task.options.reward: {exc}") from exc
+
+    def samples(self, split: str) -> list[dict[str, Any]]:
+        return self._splits["train" if split == "train" else "eval"]
+
+    def system_prompt(self) -> str:
+        tools = "; ".join(TOOL_HELP[t] for t in self.tool_tags)
+        return self.system.format(
+            tools=tools,
+            tool_tags=", ".join(self.tool_tags),
+            result_tag=self.result_tag,
+            answer_tag=self.answer_tag,
+        )
+
+    def encode_prompt(self, sample: Mapping[str, Any], tokenizer) -> list[int]:
+        """Token ids of the prompt: the chat template (system, user turn, generation prompt)
+        when the tokenizer has one, else "system\\nquestion\\n" as plain text."""
+        user = self.user.format(**sample)
+        if getattr(tokenizer, "chat_template", None):
+            messages = [
+                {"role": "system", "content": self.system_prompt()},
+                {"role": "user", "content": user},
+            ]
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+            return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(f"{self.system_prompt()}\n{user}\n")
+
+    def tools(self) -> dict:
+        """Fresh tool instances (tag -> tool) from ``task.options.tools``."""
+        out = {}
+        for tag, opts in self.tool_options.items():
+            opts = dict(opts or {})
+            out[tag] = self._search(opts) if tag == "search" else self._python(opts)
+        return out
+
+    def _search(self, opts: dict[str, Any]):
+        from aepo.rollout.tools.search import HTTPSearchTool
+
+        url, corpus = opts.pop("url", None), opts.pop("corpus", None)
+        if (url is None) == (corpus is None):
+            raise DataError("task.options.tools.search: give exactly one of corpus or url")
+        if url is not None:
+            return HTTPSearchTool(url, **opts)
+        if not Path(corpus).is_file():
+            raise DataError(f"task.options.tools.search.corpus: {corpus}: no such file")
+        cache = self.options.get("cache_dir") or Path(corpus).parent / ".aepo_cache"
+        return cached_search_tool(corpus, cache, opts)
+
+    @staticmethod
+    def _python(opts: dict[str, Any]):
+        from aepo.rollout.tools.python_tool import PythonTool
+
+        return PythonTool(**opts)
+
+    def build_model(self, path: Path, seed: int) -> Path:
+        raise DataError("task qa trains your model: set model.path to a Hugging Face model folder")
