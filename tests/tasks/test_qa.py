@@ -184,3 +184,25 @@ def test_example_files_load():
     assert len(train) == 80 and len(held_out) == 16
     people = lambda rows: {r["question"].split(" does ")[1].split()[0] for r in rows}
     assert not people(train) & people(held_out)  # eval asks about people train never does
+
+
+def test_cli_reports_bad_data_and_exits_2(tmp_path):
+    """What a user sees: ``aepo train`` stops with the file and field named, exit code 2."""
+    import os
+    import subprocess
+    import sys
+
+    bad = write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answers": [], "hops": 1}])
+    cmd = [
+        sys.executable,
+        "-m",
+        "aepo.cli",
+        "train",
+        str(ROOT / "examples" / "qa.yaml"),
+        f"task.options.train={bad}",
+        f"run.dir={tmp_path / 'run'}",
+    ]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"aepo train: data error: {bad} row 1: field 'answers' is empty" in proc.stderr
