@@ -18,11 +18,11 @@ entropies [B, K] (K = completion length) from aepo's kernels, then the loss from
 - ``lm_head="logits"``: the model's own forward with ``logits_to_keep`` gives [B, K, V] logits,
   then :func:`aepo.kernels.logprobs_and_entropy` (one fused pass forward and backward).
 
-These two plus ``policy_loss`` are the halves of :func:`aepo.kernels.fused_linear_policy_loss`
-and :func:`aepo.kernels.fused_policy_loss` (the same values and gradients, and the same path
-those take on CUDA): the per-token tensors are kept because TRL's per-sequence clip metrics,
-its entropy bonus (its own normaliser) and its importance-sampling / off-policy weights need
-them.
+Kernel + ``policy_loss`` is what :func:`aepo.kernels.fused_linear_policy_loss` and
+:func:`aepo.kernels.fused_policy_loss` compute (the same values and gradients; the former runs
+exactly this on CUDA). The per-token [B, K] tensors are kept because TRL's per-sequence clip
+metrics, its entropy bonus (with its own normaliser) and its importance-sampling / off-policy
+weights need them. The old and reference log-probs stay TRL's (its chunked fused head).
 
 Option mapping (TRL field -> aepo; G = gradient-accumulation steps of the window, 1 in eval,
 B = micro-batch rows, mask = completion_mask x tool_mask):
@@ -35,7 +35,7 @@ B = micro-batch rows, mask = completion_mask x tool_mask):
                                   ``eps_high = epsilon_high - 1``; required
 ``clip_ratio_c`` (new, 3.0)       dual clip for A < 0 (None: off). TRL's ``delta`` is the same
                                   bound (for delta > 1 + eps_high): allowed only equal to it
-``entropy_adv_coef`` (new, 0.2)   AEPO entropy-aware advantage A (1 + a zH), aepo only
+``entropy_adv_coef`` (new, 0.2)   a of AEPO's entropy-aware advantage A (1 + a zH), aepo
 ``entropy_adv_norm`` (new)        "batch": zH over the masked tokens of the optimizer step's G
                                   micro-batches on all ranks (an extra no-grad forward at the
                                   window's start when G > 1); "micro": this micro-batch
@@ -52,7 +52,8 @@ B = micro-batch rows, mask = completion_mask x tool_mask):
 ``importance_sampling_ratio``,    per-token (or per-sequence) weights w >= 0 on the policy
 ``off_policy_mask_threshold``     term, folded into the advantages: every objective is
                                   positively homogeneous in A, so l(w A) = w l(A) exactly
-``lm_head`` (new), ``kernel_backend`` (new)  fused / logits / auto; kernels' backend
+``lm_head`` (new, "auto")         "fused", "logits", or "auto" (fused when the head allows)
+``kernel_backend`` (new, "auto")  aepo kernels' backend: auto (triton on CUDA), triton, torch
 ================================  ==============================================================
 
 Metrics: TRL's names keep their meaning (``entropy``, ``kl``, ``clip_ratio/low_mean``,
@@ -257,20 +258,24 @@ class AEPOTrainer(GRPOTrainer):
             entropy_stats=self._entropy_stats(model, entropy, mask, mode),
             **self._aepo_loss,
         )
-        if self._entropy_bonus_enabled:  # TRL's bonus: a token mean whatever the loss type
-            # TRL logs the policy term before its 1 / G, except for the window-level dapo / cispo
-            scale = 1 if self.loss_type in ("dapo", "cispo") else accumulation
-            policy_value = loss.detach() * scale
-            w = mask.to(entropy.dtype)
-            bonus = (entropy * w).sum() / w.sum().clamp(min=1) / accumulation
-            loss = loss - self.entropy_coef * bonus
-            self._metrics[mode]["policy_loss"].append(
-                self.accelerator.gather(policy_value).nanmean().item()
-            )
-            if mode == "train" and self.accelerator.sync_gradients:
-                self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        if self._entropy_bonus_enabled:
+            loss = self._add_entropy_bonus(loss, entropy, mask, mode, accumulation)
         self._log_loss_metrics(mode, logp, old, advantages, mask, entropy, metrics)
         return loss
+
+    def _add_entropy_bonus(self, loss, entropy, mask, mode: str, accumulation: int):
+        """TRL's bonus, loss - coef x token-mean(H) / G whatever the loss type (gradient
+        through H), and its ``policy_loss`` / ``entropy_coef`` metrics."""
+        # TRL logs the policy term before its 1 / G, except for the window-level dapo / cispo
+        scale = 1 if self.loss_type in ("dapo", "cispo") else accumulation
+        policy_value = loss.detach() * scale
+        self._metrics[mode]["policy_loss"].append(
+            self.accelerator.gather(policy_value).nanmean().item()
+        )
+        if mode == "train" and self.accelerator.sync_gradients:
+            self._metrics[mode]["entropy_coef"].append(self.entropy_coef)
+        w = mask.to(entropy.dtype)
+        return loss - self.entropy_coef * (entropy * w).sum() / w.sum().clamp(min=1) / accumulation
 
     def _policy_logps(self, model, inputs: dict, mask: torch.Tensor):
         """Current-policy (logp, entropy) [B, K] of the completion tokens where ``mask`` is 1

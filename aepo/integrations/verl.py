@@ -77,12 +77,12 @@ verl's clamp of the log-ratio to [-20, 20] (the ratio here is exact); the legacy
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import sys
 import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,16 +94,9 @@ from verl.workers.utils.padding import no_padding_2_padding
 from aepo.objectives import policy_loss
 
 ENTROPY_NORMS = ("batch", "micro")
-_OPTION_DEFAULTS = {
-    "entropy_adv_coef": 0.2,
-    "entropy_adv_norm": "batch",
-    "gppo_beta_low": 1.0,
-    "gppo_beta_high": 1.0,
-}
-_options = dict(_OPTION_DEFAULTS)
 
 
-@dataclass
+@dataclasses.dataclass
 class AEPOPolicyLossConfig(PolicyLossConfig):
     """verl's PolicyLossConfig plus AEPO's options (``policy_loss._target_`` selects it)."""
 
@@ -114,6 +107,15 @@ class AEPOPolicyLossConfig(PolicyLossConfig):
 
     def __post_init__(self) -> None:
         _check_options(vars(self))
+
+
+_VERL_FIELDS = {f.name for f in dataclasses.fields(PolicyLossConfig)}
+_OPTION_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(AEPOPolicyLossConfig)
+    if f.name not in _VERL_FIELDS
+}
+_options = dict(_OPTION_DEFAULTS)  # what configure() sets
 
 
 def _check_options(options: dict[str, Any]) -> None:
@@ -152,7 +154,7 @@ def _resolve_options(config: Any) -> dict[str, Any]:
 # Entropy hand-over
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Handover:
     entropy: torch.Tensor | None  # [B, T] detached, padded like the log-probs
     process_group: Any  # verl's data-parallel group (None: no all-reduce)
@@ -238,12 +240,9 @@ def _warn_no_entropy() -> None:
     )
 
 
-def _entropy_for(log_prob: torch.Tensor, handover: _Handover | None) -> torch.Tensor | None:
+def _handed_entropy(log_prob: torch.Tensor, handover: _Handover | None) -> torch.Tensor | None:
     entropy = None if handover is None else handover.entropy
-    if entropy is None:
-        _warn_no_entropy()  # once per process
-        return None
-    if entropy.shape != log_prob.shape:
+    if entropy is not None and entropy.shape != log_prob.shape:
         raise ValueError(
             f"handed-over entropy {tuple(entropy.shape)} does not match log_prob "
             f"{tuple(log_prob.shape)}"
@@ -296,8 +295,11 @@ def _compute(
     mask = response_mask.bool()
     agg, normalizer = _aggregation(loss_agg_mode, mask, config.get("global_batch_info") or {})
     handover = _HANDOVER.get()
-    needs_entropy = objective == "aepo" and options["entropy_adv_coef"] != 0
-    entropy = _entropy_for(log_prob, handover) if needs_entropy else None
+    entropy = _handed_entropy(log_prob, handover)
+    reweight = objective == "aepo" and options["entropy_adv_coef"] != 0
+    if reweight and entropy is None:
+        _warn_no_entropy()  # once per process
+        reweight = False
     if rollout_is_weights is not None:
         advantages = advantages * rollout_is_weights
     norm = options["entropy_adv_norm"]
@@ -317,8 +319,7 @@ def _compute(
         gppo_beta_high=options["gppo_beta_high"],
         process_group=handover.process_group if handover is not None and norm == "batch" else None,
     )
-    entropy_adv = entropy is not None
-    return loss, _verl_metrics(metrics, objective, old_log_prob, log_prob, mask, entropy_adv)
+    return loss, _verl_metrics(metrics, objective, old_log_prob, log_prob, mask, reweight)
 
 
 def _make_loss_fn(name: str, objective: str):

@@ -52,23 +52,24 @@ TOOL_HELP = {
     "python": "<python> code </python> runs Python and shows what it prints",
 }
 SYSTEM_FIELDS = ("tools", "tool_tags", "result_tag", "answer_tag")
-KNOWN_OPTIONS = (
-    "train",
-    "eval",
-    "hf_dataset",
-    "split",
-    "eval_split",
-    "question_key",
-    "answers_key",
-    "id_key",
-    "group_key",
-    "system_prompt",
-    "user_template",
-    "protocol",
-    "tools",
-    "reward",
-    "cache_dir",
-)
+OPTION_HELP = {  # task.options key -> (default, meaning): the config reference's qa table
+    "train": (None, "JSONL / Parquet file of train questions (required unless hf_dataset)"),
+    "eval": (None, "file of eval questions (default: the train file)"),
+    "hf_dataset": (None, "a dataset saved with save_to_disk, instead of train / eval files"),
+    "split": ("train", "hf_dataset split to train on"),
+    "eval_split": ("test", "hf_dataset split to evaluate on"),
+    "question_key": ("question", "field holding the question"),
+    "answers_key": ("answers", "field holding the gold answer(s): a string or a list"),
+    "id_key": ("id", "field holding the question id (default: the row number)"),
+    "group_key": (None, "field whose values exact match is also logged by"),
+    "system_prompt": ("(tools and answer format)", "{tools} {tool_tags} {result_tag} {answer_tag}"),
+    "user_template": ("{question}", "the user turn; placeholders: any field of a row"),
+    "protocol": ({"result_tag": "result", "answer_tag": "answer"}, "tags of results / answer"),
+    "tools": ({"search": {}}, "search: {corpus or url, top_k, ...}; python: {timeout_s, ...}"),
+    "reward": ({"metric": "f1"}, "metric (em, f1, contains), format_penalty, tool_bonus; or function"),
+    "cache_dir": ("run.dir/cache", "where the search index is cached"),
+}
+KNOWN_OPTIONS = tuple(OPTION_HELP)
 
 
 def _placeholders(template: str, allowed, key: str) -> None:

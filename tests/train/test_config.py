@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,3 +80,18 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "config error: rollout.k: expected int" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_config_reference_is_current():
+    """docs/config.md lists every key with its default; regenerate it with
+    ``python -m aepo.train.config > docs/config.md`` after changing a config dataclass."""
+    import dataclasses
+
+    from aepo.train.config import TrainConfig, config_reference
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
+    assert doc == config_reference()
+    defaults = TrainConfig()
+    for section in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            assert f"`{section.name}.{f.name}`" in doc
