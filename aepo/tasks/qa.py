@@ -66,7 +66,10 @@ OPTION_HELP = {  # task.options key -> (default, meaning): the config reference'
     "user_template": ("{question}", "the user turn; placeholders: any field of a row"),
     "protocol": ({"result_tag": "result", "answer_tag": "answer"}, "tags of results / answer"),
     "tools": ({"search": {}}, "search: {corpus or url, top_k, ...}; python: {timeout_s, ...}"),
-    "reward": ({"metric": "f1"}, "metric (em, f1, contains), format_penalty, tool_bonus; or function"),
+    "reward": (
+        {"metric": "f1"},
+        "metric (em, f1, contains), format_penalty, tool_bonus; or a function",
+    ),
     "cache_dir": ("run.dir/cache", "where the search index is cached"),
 }
 KNOWN_OPTIONS = tuple(OPTION_HELP)

@@ -233,6 +233,7 @@ def check_aepo_parity() -> dict:
     for mode in MODES:
         for info_name, info in batch_infos(batch).items():
             set_batch_info(config, info)
+            losses = {}
             for entropy, weights in ((True, False), (True, True), (False, False), (False, True)):
                 case = f"{mode}/{info_name}/entropy={entropy}/weights={weights}"
                 with warnings.catch_warnings(record=True) as caught:
@@ -244,8 +245,10 @@ def check_aepo_parity() -> dict:
                 )
                 assert torch.equal(loss, want) and torch.equal(grad, want_grad), case
                 assert metrics["actor/aepo/entropy_adv"] == float(entropy), case
+                losses[entropy, weights] = loss
                 if not entropy and mode == MODES[0] and info_name == "direct" and not weights:
                     assert any("no per-token entropy" in str(w.message) for w in caught), case
+            assert losses[True, False] != losses[False, False], f"{mode}: entropy unused"
             v_loss, v_grad, v_metrics = call(vanilla, batch, mode, config)
             with aepo_verl.provide_entropy(None):
                 loss, grad, metrics = call(fn, batch, mode, config)
