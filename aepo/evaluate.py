@@ -59,7 +59,7 @@ def evaluate(engine, tokenizer, tools: Mapping, samples: Sequence[Mapping], rewa
         out = rollout.run([encode(s) for s in chunk])
         for t in out.trajectories:
             sample = chunk[t.prompt]
-            text = tokenizer.decode(t.response_ids, skip_special_tokens=True)
+            text = rollout.response_text(t)
             res = reward(text, sample)
             row = (res.em, res.f1, float(res.format_ok), float(len(t.tool_calls)))
             per_group["all"].append(row)
@@ -120,7 +120,7 @@ def run(cfg, model: str | None = None, out_dir: str | Path | None = None) -> Pat
     from transformers import AutoTokenizer
 
     from aepo.tasks.base import get_task
-    from aepo.train.loop import make_engine, prompt_encoder
+    from aepo.train.loop import make_engine, prompt_encoder, task_protocol
 
     run_dir = Path(cfg.run.dir)
     model = model or _default_model(cfg, run_dir)
@@ -137,7 +137,7 @@ def run(cfg, model: str | None = None, out_dir: str | Path | None = None) -> Pat
         "seed": cfg.run.seed,
         "batch_size": e.batch_size,
         "encode": prompt_encoder(task, tokenizer),
-        "protocol": getattr(task, "protocol", None),
+        "protocol": task_protocol(task, tokenizer),
         "progress": True,
     }
     greedy: list[dict] = []

@@ -32,6 +32,8 @@ class RolloutConfig:
     tool_tags: tuple[str, ...] = ("search", "python")  # <tag>query</tag> calls tool "tag"
     answer_tag: str = "answer"  # </answer> ends the trajectory
     result_tag: str = "result"  # tool results are inserted as \n<result>\n...\n</result>\n
+    result_open: str | None = None  # text before a result instead (e.g. a chat template's
+    result_close: str | None = None  # tool turn around <result>...</result>); see response_text
     seed: int = 0  # run seed; every draw derives from (seed, step, prompt, path, ...)
     tool_workers: int = 4  # tool calls run concurrently in this many threads
 
@@ -61,8 +63,27 @@ class TreeRollout:
         tags = "|".join(map(re.escape, c.tool_tags))
         self._call_re = re.compile(rf"<({tags})>(.*?)</\1>", re.S)
         self._log_v = math.log(engine.vocab_size)
-        self._open = tokenizer.encode(f"\n<{c.result_tag}>\n", add_special_tokens=False)
-        self._close = tokenizer.encode(f"\n</{c.result_tag}>\n", add_special_tokens=False)
+        opening = f"\n<{c.result_tag}>\n" if c.result_open is None else c.result_open
+        closing = f"\n</{c.result_tag}>\n" if c.result_close is None else c.result_close
+        self._open = tokenizer.encode(opening, add_special_tokens=False)
+        self._close = tokenizer.encode(closing, add_special_tokens=False)
+
+    def response_text(self, t: Trajectory) -> str:
+        """The response as the reward reads it (special tokens dropped). With custom result
+        wrappers (a chat template's tool turn) each inserted result is written back as
+        ``\n<result>\n...\n</result>\n``, so the format gate sees the same text whatever the
+        model saw."""
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        c = self.config
+        if c.result_open is None and c.result_close is None:
+            return decode(t.response_ids)
+        parts, pos = [], 0
+        for call in t.tool_calls:
+            parts.append(decode(t.response_ids[pos : call.start]))
+            parts.append(f"\n<{c.result_tag}>\n{call.text}\n</{c.result_tag}>\n")
+            pos = call.end
+        parts.append(decode(t.response_ids[pos:]))
+        return "".join(parts)
 
     def run(self, prompts: Sequence[list[int]], step: int = 0, group_offset: int = 0):
         c, t0 = self.config, time.perf_counter()

@@ -64,7 +64,10 @@ OPTION_HELP = {  # task.options key -> (default, meaning): the config reference'
     "group_key": (None, "field whose values exact match is also logged by"),
     "system_prompt": ("(tools and answer format)", "{tools} {tool_tags} {result_tag} {answer_tag}"),
     "user_template": ("{question}", "the user turn; placeholders: any field of a row"),
-    "protocol": ({"result_tag": "result", "answer_tag": "answer"}, "tags of results / answer"),
+    "protocol": (
+        {"result_tag": "result", "answer_tag": "answer", "tool_role": False},
+        "tags of results / answer; tool_role: results in the chat template's tool turn",
+    ),
     "tools": ({"search": {}}, "search: {corpus or url, top_k, ...}; python: {timeout_s, ...}"),
     "reward": (
         {"metric": "f1"},
@@ -87,6 +90,34 @@ def _placeholders(template: str, allowed, key: str) -> None:
                 f"task.options.{key}: unknown placeholder {{{name}}}; "
                 f"available: {', '.join('{' + a + '}' for a in allowed)}"
             )
+
+
+def tool_turn_wrappers(tokenizer, result_tag: str = "result") -> tuple[str, str]:
+    """(text before, text after) a tool result so that it sits in the chat template's tool
+    turn: the assistant turn closed, the tool turn holding ``<result>...</result>``, and the
+    assistant turn reopened (read off the template by rendering marker messages)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("task.options.protocol.tool_role needs a tokenizer with a chat template")
+    call, result = "\x01CALL", "\x02RESULT"
+    messages = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": call},
+        {"role": "tool", "content": result},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # templates raise their own errors for unknown roles
+        raise DataError(
+            f"task.options.protocol.tool_role: the chat template failed: {exc}"
+        ) from exc
+    if call not in text or result not in text or text.index(call) > text.index(result):
+        raise DataError(
+            "task.options.protocol.tool_role: the chat template has no tool role (a tool "
+            "message is not rendered after the assistant's); set tool_role: false"
+        )
+    before = text[text.index(call) + len(call) : text.index(result)]
+    after = text[text.index(result) + len(result) :]
+    return f"{before}<{result_tag}>\n", f"\n</{result_tag}>{after}"
 
 
 def load_reward_function(spec: str) -> RewardFn:
@@ -129,6 +160,7 @@ class QATask:
         protocol = dict(options.get("protocol") or {})
         self.result_tag = protocol.pop("result_tag", "result")
         self.answer_tag = protocol.pop("answer_tag", "answer")
+        self.tool_role = bool(protocol.pop("tool_role", False))
         if protocol:
             raise DataError(f"task.options.protocol: unknown key {sorted(protocol)[0]!r}")
         self.tool_tags = tuple(self.tool_options)
@@ -143,14 +175,18 @@ class QATask:
         _placeholders(self.user, sorted(self._splits["train"][0]), "user_template")
         self.reward = self._reward(dict(options.get("reward") or {}))
 
-    @property
-    def protocol(self) -> dict[str, Any]:
-        """Rollout tags: tool calls, the inserted result and the answer."""
-        return {
+    def protocol(self, tokenizer=None) -> dict[str, Any]:
+        """Rollout tags (tool calls, the inserted result, the answer); with ``tool_role`` the
+        result also goes into the chat template's tool turn (:func:`tool_turn_wrappers`)."""
+        out = {
             "tool_tags": self.tool_tags,
             "result_tag": self.result_tag,
             "answer_tag": self.answer_tag,
         }
+        if self.tool_role:
+            wrappers = tool_turn_wrappers(tokenizer, self.result_tag)
+            out |= dict(zip(("result_open", "result_close"), wrappers, strict=True))
+        return out
 
     def _load(self, split: str) -> list[dict[str, Any]]:
         o = self.options

@@ -58,6 +58,12 @@ def rollout_config(cfg: TrainConfig, protocol: dict | None = None) -> RolloutCon
     )
 
 
+def task_protocol(task, tokenizer) -> dict | None:
+    """A task's rollout tags / result wrappers for this tokenizer (``task.protocol``), if any."""
+    protocol = getattr(task, "protocol", None)
+    return protocol(tokenizer) if callable(protocol) else protocol
+
+
 def prompt_encoder(task, tokenizer):
     """sample -> prompt token ids: the task's ``encode_prompt`` (e.g. through the chat
     template) when it has one, else ``tokenizer.encode(sample["prompt"])``."""
@@ -111,7 +117,7 @@ class Trainer:
             self.engine,
             self.tokenizer,
             self.task.tools(),
-            rollout_config(cfg, getattr(self.task, "protocol", None)),
+            rollout_config(cfg, task_protocol(self.task, self.tokenizer)),
         )
         self.encode_prompt = prompt_encoder(self.task, self.tokenizer)
         self.loss_kwargs = cfg.objective.policy_loss_kwargs()
@@ -207,8 +213,7 @@ class Trainer:
     def _score(self, trajectories, samples) -> dict[str, float]:
         results = []
         for t in trajectories:
-            text = self.tokenizer.decode(t.response_ids, skip_special_tokens=True)
-            res = self.task.reward(text, samples[t.prompt])
+            res = self.task.reward(self.rollout.response_text(t), samples[t.prompt])
             t.reward = res.reward
             results.append(res)
         out = {

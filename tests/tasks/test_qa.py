@@ -56,7 +56,7 @@ def test_rows_tools_and_reward_from_config(files, tmp_path):
     assert list((tmp_path / "cache").glob("search-*")) == index
     ok = "<search> ana </search>\n<result>\nx\n</result>\n<answer> Rome </answer>"
     assert task.reward(ok, rows[0]).reward == 1.0 + 0.1  # default f1 + tool bonus
-    assert task.protocol == {
+    assert task.protocol() == {
         "tool_tags": ("search",),
         "result_tag": "result",
         "answer_tag": "answer",
@@ -206,3 +206,73 @@ def test_cli_reports_bad_data_and_exits_2(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"aepo train: data error: {bad} row 1: field 'answers' is empty" in proc.stderr
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class TwoTurnEngine:
+    """Scripted policy for the tool-role test: a search call, then (after a result) the answer."""
+
+    vocab_size = 400
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def generate(self, requests, sampling, stop):
+        from aepo.rollout.engines.base import GenResult
+
+        out = []
+        for r in requests:
+            seen = self.tok.decode(r.token_ids)
+            text, end = (
+                ("<answer> rome </answer>", "</answer>")
+                if "<|im_start|>tool" in seen
+                else ("<search> ana </search>", "</search>")
+            )
+            ids = self.tok.encode(text, add_special_tokens=False)
+            out.append(GenResult(ids, [-1.0] * len(ids), [1.0] * len(ids), "stop", end))
+        return out
+
+
+def test_tool_role_results_go_into_the_tool_turn(files, tmp_path):
+    """protocol.tool_role: the model sees its turn closed, the result in a tool turn and its
+    turn reopened; the inserted tokens have mask 0; the reward reads the canonical text."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    from aepo.models import train_tokenizer
+    from aepo.rollout.branching import BranchConfig
+    from aepo.rollout.tree import RolloutConfig, TreeRollout
+    from aepo.train.loop import prompt_encoder
+
+    base = train_tokenizer(["ana lives in rome . where does ana live ? tool user"], 400)
+    base.backend_tokenizer.add_special_tokens(
+        [AddedToken("<|im_start|>"), AddedToken("<|im_end|>")]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, chat_template=CHATML)
+    task = QATask(**files, protocol={"tool_role": True}, cache_dir=str(tmp_path / "c"))
+    protocol = task.protocol(tok)
+    assert protocol["result_open"] == "<|im_end|>\n<|im_start|>tool\n<result>\n"
+    assert protocol["result_close"] == "\n</result><|im_end|>\n<|im_start|>assistant\n"
+    cfg = RolloutConfig(branch=BranchConfig(mode="flat", k=1), **protocol)
+    rollout = TreeRollout(TwoTurnEngine(tok), tok, task.tools(), cfg)
+    sample = task.samples("train")[0]
+    (t,) = rollout.run([prompt_encoder(task, tok)(sample)]).trajectories
+    seen = tok.decode(t.response_ids)
+    assert seen.startswith("<search> ana </search><|im_end|>\n<|im_start|>tool\n<result>\n")
+    assert "</result><|im_end|>\n<|im_start|>assistant\n<answer> rome </answer>" in seen
+    call = t.tool_calls[0]
+    assert set(t.loss_mask[call.start : call.end]) == {0}  # the whole tool turn: not sampled
+    assert sum(t.loss_mask) == len(t.response_ids) - (call.end - call.start)
+    text = rollout.response_text(t)
+    assert (
+        text == f"<search> ana </search>\n<result>\n{call.text}\n</result>\n<answer> rome </answer>"
+    )
+    assert task.reward(text, sample).reward == 1.1  # f1 1 + tool bonus: the format gate passes
+    with pytest.raises(DataError, match="tool_role needs a tokenizer with a chat template"):
+        task.protocol(base)
