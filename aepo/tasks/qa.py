@@ -47,9 +47,9 @@ DEFAULT_SYSTEM = (
     "<tool>query</tool>; its output then appears inside <{result_tag}> </{result_tag}>. "
     "Give the final answer as <{answer_tag}> answer </{answer_tag}>."
 )
-TOOL_HELP = {
-    "search": "<search> query </search> searches the documents",
-    "python": "<python> code </python> runs Python and shows what it prints",
+TOOL_HELP = {  # tool -> how the default system prompt describes it ({tag}: its call tag)
+    "search": "<{tag}> query </{tag}> searches the documents",
+    "python": "<{tag}> code </{tag}> runs Python and shows what it prints",
 }
 SYSTEM_FIELDS = ("tools", "tool_tags", "result_tag", "answer_tag")
 OPTION_HELP = {  # task.options key -> (default, meaning): the config reference's qa table
@@ -68,7 +68,7 @@ OPTION_HELP = {  # task.options key -> (default, meaning): the config reference'
         {"result_tag": "result", "answer_tag": "answer", "tool_role": False},
         "tags of results / answer; tool_role: results in the chat template's tool turn",
     ),
-    "tools": ({"search": {}}, "search: {corpus or url, top_k, ...}; python: {timeout_s, ...}"),
+    "tools": ({"search": {}}, "search: {corpus or url, top_k, tag}; python: {timeout_s, tag}"),
     "reward": (
         {"metric": "f1"},
         "metric (em, f1, contains), format_penalty, tool_bonus; or a function",
@@ -163,7 +163,9 @@ class QATask:
         self.tool_role = bool(protocol.pop("tool_role", False))
         if protocol:
             raise DataError(f"task.options.protocol: unknown key {sorted(protocol)[0]!r}")
-        self.tool_tags = tuple(self.tool_options)
+        self.tool_tags = tuple(
+            (opts or {}).get("tag", name) for name, opts in self.tool_options.items()
+        )
         try:
             check_tags(self.tool_tags, self.result_tag, self.answer_tag)
         except ValueError as exc:
@@ -218,7 +220,10 @@ class QATask:
         return self._splits["train" if split == "train" else "eval"]
 
     def system_prompt(self) -> str:
-        tools = "; ".join(TOOL_HELP[t] for t in self.tool_tags)
+        tools = "; ".join(
+            TOOL_HELP[name].format(tag=tag)
+            for name, tag in zip(self.tool_options, self.tool_tags, strict=True)
+        )
         return self.system.format(
             tools=tools,
             tool_tags=", ".join(self.tool_tags),
@@ -244,9 +249,9 @@ class QATask:
     def tools(self) -> dict:
         """Fresh tool instances (tag -> tool) from ``task.options.tools``."""
         out = {}
-        for tag, opts in self.tool_options.items():
-            opts = dict(opts or {})
-            out[tag] = self._search(opts) if tag == "search" else self._python(opts)
+        for (name, opts), tag in zip(self.tool_options.items(), self.tool_tags, strict=True):
+            opts = {k: v for k, v in (opts or {}).items() if k != "tag"}
+            out[tag] = self._search(opts) if name == "search" else self._python(opts)
         return out
 
     def _search(self, opts: dict[str, Any]):

@@ -276,3 +276,13 @@ def test_tool_role_results_go_into_the_tool_turn(files, tmp_path):
     assert task.reward(text, sample).reward == 1.1  # f1 1 + tool bonus: the format gate passes
     with pytest.raises(DataError, match="tool_role needs a tokenizer with a chat template"):
         task.protocol(base)
+
+
+def test_renamed_call_tag(files, tmp_path):
+    """tools.search.tag renames the call tag: <retrieve> q </retrieve> calls the search tool."""
+    files["tools"]["search"]["tag"] = "retrieve"
+    task = QATask(**files, protocol={"result_tag": "information"}, cache_dir=str(tmp_path))
+    assert set(task.tools()) == {"retrieve"} and task.protocol()["tool_tags"] == ("retrieve",)
+    assert "<retrieve> query </retrieve> searches" in task.system_prompt()
+    text = "<retrieve> ana </retrieve>\n<information>\nx\n</information>\n<answer>rome</answer>"
+    assert task.reward(text, task.samples("train")[0]).reward == 1.1
