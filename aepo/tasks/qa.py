@@ -55,7 +55,7 @@ SYSTEM_FIELDS = ("tools", "tool_tags", "result_tag", "answer_tag")
 OPTION_HELP = {  # task.options key -> (default, meaning): the config reference's qa table
     "train": (None, "JSONL / Parquet file of train questions (required unless hf_dataset)"),
     "eval": (None, "file of eval questions (default: the train file)"),
-    "hf_dataset": (None, "a dataset saved with save_to_disk, instead of train / eval files"),
+    "hf_dataset": (None, "a save_to_disk folder or a hub name in the local cache (no download)"),
     "split": ("train", "hf_dataset split to train on"),
     "eval_split": ("test", "hf_dataset split to evaluate on"),
     "question_key": ("question", "field holding the question"),

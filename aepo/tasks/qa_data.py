@@ -34,12 +34,13 @@ def open_rows(
     source: str | Path | None = None, *, hf_dataset: str | None = None, split: str = "train"
 ):
     """A ``datasets.Dataset`` of a JSONL/Parquet file, or of a dataset saved with
-    ``save_to_disk`` at ``hf_dataset`` (its ``split`` when it is a DatasetDict)."""
+    ``save_to_disk`` at ``hf_dataset`` (its ``split`` when it is a DatasetDict), or of a hub
+    dataset named ``hf_dataset`` that is already in the local cache (nothing is downloaded)."""
     import datasets
 
     if hf_dataset is not None:
         if not Path(hf_dataset).exists():
-            raise DataError(f"hf_dataset {hf_dataset!r}: no such directory (save_to_disk output)")
+            return _from_hub_cache(hf_dataset, split)
         data = datasets.load_from_disk(hf_dataset)
         if isinstance(data, datasets.DatasetDict):
             if split not in data:
@@ -56,6 +57,20 @@ def open_rows(
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as exc:  # datasets wraps parse errors in several exception types
         raise DataError(f"{path}: cannot be read as {kind}: {exc}") from exc
+
+
+def _from_hub_cache(name: str, split: str):
+    """A hub dataset already in the local HF cache; never downloads."""
+    import datasets
+
+    datasets.config.HF_HUB_OFFLINE = True  # cache only: this process never downloads
+    try:
+        return datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise DataError(
+            f"hf_dataset {name!r}: not a directory (save_to_disk output) and not in the local "
+            f"HF datasets cache for split {split!r} ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _answers(value: Any, where: str, key: str) -> list[str]:

@@ -170,6 +170,8 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     assert [s["question"] for s in task.samples("eval")] == ["q1", "q2"]
     with pytest.raises(DataError, match=r"has no split 'dev'"):
         QATask(hf_dataset=str(tmp_path / "ds"), split="dev", tools={})
+    with pytest.raises(DataError, match=r"'no-such/dataset': not a directory .* not in the local"):
+        QATask(hf_dataset="no-such/dataset", tools={})
 
 
 def test_example_files_load():
