@@ -124,7 +124,7 @@ def run(cfg, model: str | None = None, out_dir: str | Path | None = None) -> Pat
 
     run_dir = Path(cfg.run.dir)
     model = model or _default_model(cfg, run_dir)
-    task = get_task(cfg.task.name, cfg.task.options, run_dir / "cache")
+    task = get_task(cfg.task.name, cfg.task.options, run_dir / "cache", cfg.task.module)
     samples = list(task.samples("eval"))[: cfg.eval.max_questions]
     tokenizer = AutoTokenizer.from_pretrained(model)
     engine = make_engine(cfg, model, 1, tokenizer)

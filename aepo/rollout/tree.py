@@ -1,8 +1,9 @@
 """The entropy-balanced tree rollout (AEPO_SPEC section 3) over any :class:`Engine`.
 
 Rounds of batched generation: every active path samples its next segment (up to a tool-call
-stop string, the answer, EOS or the length budget); tool calls run in a thread pool and their
-results are appended with mask 0; after the first W tokens that follow tool result t, the
+stop string, the answer, EOS or the length budget); tool calls run on threads with a deadline
+(:class:`ToolRunner`: a hung or failing tool gives an ``ok=False`` result, never a stall) and
+their results are appended with mask 0; after the first W tokens that follow tool result t, the
 path's :class:`PromptPlanner` decides whether to fork Z new paths at the end of result t.
 """
 
@@ -12,12 +13,12 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from aepo.rollout.branching import BranchConfig, BranchDecision, PromptPlanner, seed_for
 from aepo.rollout.engines.base import Engine, GenRequest, GenResult, SamplingConfig
 from aepo.rollout.tools.base import Tool, ToolOutput
+from aepo.rollout.tools.runner import ToolRunner
 from aepo.rollout.trajectory import Segment, ToolCall, Trajectory
 
 
@@ -36,13 +37,19 @@ class RolloutConfig:
     result_close: str | None = None  # tool turn around <result>...</result>); see response_text
     seed: int = 0  # run seed; every draw derives from (seed, step, prompt, path, ...)
     tool_workers: int = 4  # tool calls run concurrently in this many threads
+    tool_timeout_s: float = 30.0  # a call still running after this gets error="timeout"
+    max_hung_calls: int = 8  # per tool: abandoned calls still running before it is skipped
 
 
 @dataclass
 class RolloutOutput:
+    """What one :meth:`TreeRollout.run` produced. Among ``stats``: ``tool_timeouts`` counts
+    results with ``error="timeout"`` (the runner's deadline or a tool's own), ``tool_errors``
+    every other ``ok=False`` result (exceptions, bad returns, a tool's own error outputs)."""
+
     trajectories: list[Trajectory]  # grouped by prompt, exactly k per prompt, by path id
     decisions: list[BranchDecision]
-    stats: dict[str, float]
+    stats: dict[str, float]  # counters for the run: rounds, tokens, tool calls, seconds, ...
 
 
 class TreeRollout:
@@ -52,13 +59,17 @@ class TreeRollout:
         engine: generation backend (vLLM, HF, or a scripted one in tests).
         tokenizer: HF-style tokenizer (``encode(text, add_special_tokens=False)``,
             ``decode(ids)``); only tool results are ever encoded, sampled tokens never are.
-        tools: tag name -> tool.
+        tools: tag name -> tool. Calls run on daemon threads; one past ``tool_timeout_s``
+            is answered with ``error="timeout"`` and its thread abandoned, never waited for
+            (see :mod:`aepo.rollout.tools.runner` for how many may pile up).
     """
 
     def __init__(self, engine: Engine, tokenizer, tools: Mapping[str, Tool], config=None):
-        self.engine, self.tokenizer, self.tools = engine, tokenizer, dict(tools)
+        self.engine, self.tokenizer = engine, tokenizer
         self.config = config or RolloutConfig()
         c = self.config
+        self.runner = ToolRunner(tools, c.tool_workers, c.tool_timeout_s, c.max_hung_calls)
+        self.tools = self.runner.tools  # tag name -> tool, as the runner calls them
         self._stops = [f"</{t}>" for t in c.tool_tags] + [f"</{c.answer_tag}>"]
         tags = "|".join(map(re.escape, c.tool_tags))
         self._call_re = re.compile(rf"<({tags})>(.*?)</\1>", re.S)
@@ -101,25 +112,26 @@ class TreeRollout:
                 "cached_tokens",
                 "generated_tokens",
                 "tool_calls",
+                "tool_errors",
+                "tool_timeouts",
             ),
             0.0,
         )
-        with ThreadPoolExecutor(c.tool_workers) as pool:
-            while True:
-                active = [t for t in paths if not t.finished]
-                if active:
-                    paths += self._round(active, planners, step, pool, stats)
-                new = [t for i, p in enumerate(planners) for t in self._schedule(p, paths, i)]
-                if not active and not new:
-                    break
-                paths += new
+        while True:
+            active = [t for t in paths if not t.finished]
+            if active:
+                paths += self._round(active, planners, step, stats)
+            new = [t for i, p in enumerate(planners) for t in self._schedule(p, paths, i)]
+            if not active and not new:
+                break
+            paths += new
         paths.sort(key=lambda t: (t.prompt, t.path))
         stats["seconds"] = time.perf_counter() - t0
         decisions = [d for p in planners for d in p.decisions]
         stats["branches"] = float(sum(len(d.children) for d in decisions))
         return RolloutOutput(paths, decisions, stats)
 
-    def _round(self, active, planners, step, pool, stats) -> list[Trajectory]:
+    def _round(self, active, planners, step, stats) -> list[Trajectory]:
         c = self.config
         requests = []
         for t in active:
@@ -135,10 +147,12 @@ class TreeRollout:
         stats["cached_tokens"] += sum(r.num_cached_tokens for r in results)
         stats["generated_tokens"] += sum(len(r.token_ids) for r in results)
         calls = [(t, q) for t, r in zip(active, results, strict=True) if (q := self._absorb(t, r))]
-        outputs = pool.map(lambda job: _call(self.tools, *job[1]), calls)
+        outputs = self.runner.map([q for _, q in calls])
         for (t, (tool, query)), out in zip(calls, outputs, strict=True):
             self._insert(t, tool, query, out)
         stats["tool_calls"] += len(calls)
+        stats["tool_timeouts"] += sum(not o.ok and o.error == "timeout" for o in outputs)
+        stats["tool_errors"] += sum(not o.ok and o.error != "timeout" for o in outputs)
         forks = []
         for t in active:
             seg = t.segments[-1]
@@ -226,18 +240,3 @@ class TreeRollout:
                 for pid in planner.refill()
             ]
         return new
-
-
-def _call(tools: Mapping[str, Tool], tool: str, query: str) -> ToolOutput:
-    """Run one tool call; a missing tool or an exception becomes the result text."""
-    fn = tools.get(tool)
-    if fn is None:
-        return ToolOutput(text=f"Error: no tool named {tool!r}", ok=False, error="unknown tool")
-    start = time.perf_counter()
-    try:
-        return fn(query)
-    except Exception as exc:  # a tool failure must not end the rollout
-        text = f"Error: {type(exc).__name__}: {exc}"
-        return ToolOutput(
-            text=text, ok=False, error="exception", elapsed_s=time.perf_counter() - start
-        )

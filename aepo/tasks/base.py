@@ -46,13 +46,17 @@ def register(name: str):
 
 
 def get_task(
-    name: str, options: Mapping[str, Any] | None = None, cache_dir: str | Path | None = None
+    name: str,
+    options: Mapping[str, Any] | None = None,
+    cache_dir: str | Path | None = None,
+    module: str | None = None,
 ) -> Task:
-    """Instantiate a registered task; unknown names list the registered ones. A task class
-    with ``uses_cache_dir = True`` gets ``cache_dir`` (e.g. the run's, for a search index)
-    unless its options set one."""
-    for module in TASK_MODULES:  # each registers itself on import
-        importlib.import_module(module)
+    """Instantiate a registered task; unknown names list the registered ones. ``module`` (the
+    config's ``task.module``) is imported first, so it can :func:`register` tasks of its own.
+    A task class with ``uses_cache_dir = True`` gets ``cache_dir`` (e.g. the run's, for a
+    search index) unless its options set one."""
+    for name_ in (*TASK_MODULES, *([module] if module else [])):  # each registers on import
+        importlib.import_module(name_)
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
     factory, options = _REGISTRY[name], dict(options or {})

@@ -31,6 +31,7 @@ class TaskConfig:
     name: str = "toy"  # registered task (aepo.tasks.registry)
     prompts_per_step: int = 4  # prompts per rank per step (each gets k trajectories)
     options: dict = field(default_factory=dict)  # task-specific settings
+    module: str | None = None  # a module imported first: it may register your own tasks
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class RolloutSection:
     max_tool_calls: int = 6  # tool calls per trajectory
     max_result_tokens: int = 96  # tool result budget in tokens
     window: int = 20  # W tokens for the segment entropy
+    tool_timeout_s: float = 30.0  # per tool call; past it the call gets error="timeout"
     cpu_kv_cache_gib: int = 1  # vLLM KV cache on CPU
     gpu_memory_utilization: float = 0.3  # vLLM share of GPU memory when colocated
 
@@ -64,6 +66,7 @@ class OptimConfig:
     ppo_epochs: int = 1  # passes over each step's rollouts
     mini_batch_size: int | None = None  # trajectories per rank per optimizer step (None: all)
     micro_batch_size: int = 4  # trajectories per forward/backward
+    max_skipped_steps: int = 3  # consecutive non-finite (skipped) optimizer steps before a stop
 
 
 @dataclass(frozen=True)
@@ -211,10 +214,13 @@ def _validate(cfg: TrainConfig) -> None:
         "optim.micro_batch_size": cfg.optim.micro_batch_size,
         "eval.k": cfg.eval.k,
         "eval.batch_size": cfg.eval.batch_size,
+        "optim.max_skipped_steps": cfg.optim.max_skipped_steps,
     }
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if not cfg.rollout.tool_timeout_s > 0:
+        raise ConfigError(f"rollout.tool_timeout_s must be > 0, got {cfg.rollout.tool_timeout_s}")
     if cfg.objective.temperature not in (1.0, cfg.rollout.temperature):
         raise ConfigError(
             "objective.temperature is taken from rollout.temperature (the loss must divide by "

@@ -159,9 +159,10 @@ class PolicyEngine:
         self.bucket_bytes = cfg.deepspeed.sync_bucket_mb << 20
         self.packed = cfg.model.attn_implementation == "flash_attention_2"
         # DeepSpeed's fp32 stage-0 path clips but drops the norm it computed: keep our own.
-        zero_stage = self.ds_config["zero_optimization"]["stage"]
-        self._own_norm = zero_stage == 0 and not self.ds_config["bf16"]["enabled"]
+        self.stage = self.ds_config["zero_optimization"]["stage"]
+        self._own_norm = self.stage == 0 and not self.ds_config["bf16"]["enabled"]
         self._last_norm: torch.Tensor | None = None
+        self.skip_reason = "loss"  # of the last skipped step: "loss" or "gradient norm"
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """Logits of a right-padded [B, L] batch (ZeRO-3 gathers each layer on the fly).
@@ -238,12 +239,63 @@ class PolicyEngine:
         """Our losses are already normalised by the global token count: no 1/GAS scaling."""
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self) -> None:
-        """Optimizer step at the accumulation boundary (DeepSpeed counts micro-batches)."""
-        if self._own_norm and self.engine.is_gradient_accumulation_boundary():
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+    def step(self, nonfinite_loss: torch.Tensor | None = None) -> bool | None:
+        """Optimizer step at the accumulation boundary (DeepSpeed counts micro-batches).
+
+        The non-finite guard: at the boundary, a non-finite loss seen by any rank (the flag
+        ``nonfinite_loss``, all-reduced) or a non-finite gradient skips the optimizer step on
+        every rank, gradients dropped and parameters and optimizer state untouched. ZeRO 1-3
+        skip it themselves on an invalid global grad norm (checked afterwards); at stage 0 the
+        gradients are set to None, so the torch optimizer leaves every parameter and its state
+        alone. Returns None off the boundary, True for a step taken, False for one skipped.
+        """
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if self._own_norm:
             self._last_norm = torch.nn.utils.get_total_norm(grads) if grads else None
-        self.engine.step()
+        bad = torch.zeros(2, dtype=torch.float32)  # [non-finite loss, non-finite gradient]
+        if nonfinite_loss is not None:
+            bad[0] = nonfinite_loss.detach().float().cpu()
+        if self.stage == 0 and grads:  # reduced already: every rank sees the same gradients
+            bad[1] = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().cpu()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        skip = bool(bad.any())
+        self.skip_reason = "loss" if bad[0] else "gradient norm"
+        if skip and self.stage == 0:
+            self._skip_stage0_step()
+        else:
+            self.engine.step()
+        skipped_by_zero = self.stage > 0 and bool(getattr(self.engine.optimizer, "overflow", False))
+        if skip and self.stage > 0 and not skipped_by_zero:
+            raise RuntimeError(
+                f"non-finite loss but DeepSpeed ZeRO stage {self.stage} took the optimizer step "
+                "(its overflow check is off for this dtype); the weights may be corrupted"
+            )
+        return not (skip or skipped_by_zero)
+
+    def _skip_stage0_step(self) -> None:
+        """DeepSpeed's own skip path (the one its fp16 overflow takes) at stage 0: gradients
+        zeroed, the optimizer's update not run, ``skipped_steps`` counted, the LR schedule and
+        the micro-step accounting kept in step with the other ranks."""
+        for p in self.engine.module.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        optimizer = self.engine.optimizer
+        had = "overflow" in vars(optimizer)
+        previous = optimizer.__dict__.get("overflow")
+        optimizer.step = lambda *a, **k: None  # an instance attribute shadows the class's
+        optimizer.overflow = True
+        try:
+            self.engine.step()
+        finally:
+            del optimizer.step
+            if had:
+                optimizer.overflow = previous
+            else:
+                del optimizer.overflow
 
     def grad_norm(self) -> float:
         """Global gradient norm (before clipping) of the last optimizer step; nan before one."""

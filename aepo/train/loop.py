@@ -53,6 +53,7 @@ def rollout_config(cfg: TrainConfig, protocol: dict | None = None) -> RolloutCon
         max_tool_calls=r.max_tool_calls,
         max_result_tokens=r.max_result_tokens,
         window=r.window,
+        tool_timeout_s=r.tool_timeout_s,
         seed=cfg.run.seed,
         **(protocol or {}),
     )
@@ -103,7 +104,10 @@ class Trainer:
         self.cfg = cfg
         self.rank, self.world = init_distributed()
         self.run_dir = Path(cfg.run.dir)
-        self.task = get_task(cfg.task.name, cfg.task.options, self.run_dir / "cache")
+        self.task = get_task(
+            cfg.task.name, cfg.task.options, self.run_dir / "cache", cfg.task.module
+        )
+        self.skipped_steps, self.skip_streak, self.current_step = 0, 0, 0
         self.samples = list(self.task.samples("train"))
         self.group_key = getattr(self.task, "metric_group", None)
         self.groups = sorted({s[self.group_key] for s in self.samples}) if self.group_key else []
@@ -151,10 +155,11 @@ class Trainer:
         )
         with logger:
             for step in range(start, cfg.run.steps):
+                self.current_step = step
                 logger.log(step, self.step(step))
                 last = step + 1 == cfg.run.steps
                 if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
-                    self.save(step + 1)
+                    self.save(step + 1)  # after a skipped step: the unchanged (finite) state
         self.policy.save_pretrained(str(self.run_dir / "final_model"), self.tokenizer)
         return self.run_dir
 
@@ -253,6 +258,8 @@ class Trainer:
             batch["old_logp"] - batch["rollout_logp"], batch["mask"]
         )
         out["grad_norm"] = self.policy.grad_norm()
+        out["skipped"] = float(sum(logged.get("skipped", [0.0])))
+        out["skipped_steps"] = float(self.skipped_steps)
         return out
 
     @torch.no_grad()
@@ -305,6 +312,7 @@ class Trainer:
             )
         normalizer = self._normalizer(mask)
         logged: dict[str, list[torch.Tensor]] = {}
+        nonfinite, stepped = torch.zeros((), dtype=torch.bool), None
         micro = cfg.optim.micro_batch_size
         for lo in range(rows.start, rows.start + mask.shape[0], micro):
             r = slice(lo, lo + micro)
@@ -317,12 +325,39 @@ class Trainer:
                 entropy_adv_norm=norm,
                 group_ids=groups,
             )
+            nonfinite = nonfinite | ~torch.isfinite(loss.detach()).cpu()
             self.policy.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
-            self.policy.step()
+            stepped = self.policy.step(nonfinite)
             for key, value in {"loss": loss, **metrics}.items():
                 logged.setdefault(key, []).append(value.detach())
         # one host sync per mini-batch, not one per metric per micro-batch
-        return {k: float(torch.stack(v).float().mean()) for k, v in logged.items()}
+        out = {k: float(torch.stack(v).float().mean()) for k, v in logged.items()}
+        self._after_optimizer_step(stepped, self.policy.skip_reason)
+        return out | {"skipped": float(stepped is False)}
+
+    def _after_optimizer_step(self, stepped: bool | None, what: str) -> None:
+        """Count skipped (non-finite) optimizer steps; stop after optim.max_skipped_steps in a
+        row. A skipped step changes nothing, so every checkpoint holds a finite state."""
+        if stepped is not False:
+            self.skip_streak = 0
+            return
+        self.skip_streak += 1
+        self.skipped_steps += 1
+        if self.rank == 0:
+            print(
+                f"aepo: warning: step {self.current_step}: non-finite {what}; optimizer step "
+                f"skipped on every rank ({self.skip_streak} in a row)",
+                flush=True,
+            )
+        limit = self.cfg.optim.max_skipped_steps
+        if self.skip_streak >= limit:
+            done = checkpoint.complete_checkpoints(self.run_dir / "checkpoints")
+            newest = done[-1] if done else "none yet"
+            raise RuntimeError(
+                f"{self.skip_streak} consecutive optimizer steps had a non-finite {what} "
+                f"(optim.max_skipped_steps={limit}); stopping. The newest checkpoint, {newest}, "
+                "holds the last good state (skipped steps change nothing)"
+            )
 
     def _normalizer(self, mask: torch.Tensor) -> float:
         """Global divisor of one mini-batch (all micro-batches and ranks), per aggregation."""
@@ -439,6 +474,8 @@ def _rollout_metrics(out) -> dict[str, float]:
         "distinct_per_group": float(np.mean([len(g) for g in groups.values()])),
         "response_tokens_mean": float(np.mean([len(t.response_ids) for t in trajs])),
         "prefix_cache_reuse": out.stats["cached_tokens"] / max(out.stats["context_tokens"], 1),
+        "tool_errors": out.stats["tool_errors"],  # ok=False results, timeouts aside (per rank)
+        "tool_timeouts": out.stats["tool_timeouts"],  # calls past a deadline (per rank)
     }
 
 

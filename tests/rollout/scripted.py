@@ -1,4 +1,4 @@
-"""Test doubles for planner tests only: a whitespace tokenizer and a scripted engine whose
+"""Test doubles for rollout tests: a whitespace tokenizer and a scripted engine whose
 segment entropies are drawn from a few discrete levels, so (dH, l) buckets repeat."""
 
 from __future__ import annotations
@@ -31,15 +31,22 @@ class WordTokenizer:
 
 
 class ScriptedEngine:
-    """Each path makes ``n_calls`` search calls, then answers. A segment's per-token entropy is
-    level * ln(V) with level drawn (from the request seed) from ``levels``: so H_seg = level."""
+    """Each path makes ``n_calls`` tool calls, then answers; call i uses ``tags[i % len(tags)]``
+    (search only by default). A segment's per-token entropy is level * ln(V) with level drawn
+    (from the request seed) from ``levels``: so H_seg = level."""
 
     vocab_size = 1000
 
     def __init__(
-        self, tokenizer: WordTokenizer, n_calls: int = 3, levels=(0.2, 0.5, 0.8), seg_len: int = 4
+        self,
+        tokenizer: WordTokenizer,
+        n_calls: int = 3,
+        levels=(0.2, 0.5, 0.8),
+        seg_len: int = 4,
+        tags=("search",),
     ):
         self.tok, self.n_calls, self.levels, self.seg_len = tokenizer, n_calls, levels, seg_len
+        self.tags = tags
         self.requests = 0
 
     def generate(self, requests, sampling, stop):
@@ -51,7 +58,8 @@ class ScriptedEngine:
             level = float(rng.choice(self.levels))
             words = [f"w{int(rng.integers(50))}" for _ in range(self.seg_len)]
             if calls < self.n_calls:
-                text, stop_str = " ".join(["<search>", *words, "</search>"]), "</search>"
+                tag = self.tags[calls % len(self.tags)]
+                text, stop_str = " ".join([f"<{tag}>", *words, f"</{tag}>"]), f"</{tag}>"
             else:
                 text, stop_str = " ".join(["<answer>", *words, "</answer>"]), "</answer>"
             ids = self.tok.encode(text)[: r.max_tokens]

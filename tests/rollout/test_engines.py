@@ -8,6 +8,7 @@ weight update changes what vLLM samples and scores.
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from aepo.rollout.branching import BranchConfig
 from aepo.rollout.engines.base import SamplingConfig
 from aepo.rollout.engines.hf import HFEngine
+from aepo.rollout.tools.base import ToolOutput
 from aepo.rollout.tools.search import Document, SearchTool
 from aepo.rollout.tree import RolloutConfig, TreeRollout
 from aepo.tasks import toy
@@ -45,9 +47,12 @@ def vllm_engine(agent_dir):
     return VLLMEngine(str(agent_dir))
 
 
+def _search() -> SearchTool:
+    return SearchTool([Document(n, n, text) for n, text in toy.corpus().items()], top_k=1)
+
+
 def _rollout(engine, tokenizer, mode="aepo", k=4, tau=0.1, seed=0):
-    docs = toy.corpus()
-    search = SearchTool([Document(n, n, text) for n, text in docs.items()], top_k=1)
+    search = _search()
     cfg = RolloutConfig(
         branch=BranchConfig(mode=mode, k=k, tau=tau),
         sampling=SamplingConfig(temperature=TEMPERATURE),
@@ -107,6 +112,53 @@ def test_tree_rollout_on_a_real_engine(engine_name, request, hf):
     if engine_name == "vllm":
         assert out.stats["cached_tokens"] > 0
         assert any(t.cached_tokens > 0 for t in forks)  # branches reuse the shared prefix
+
+
+class _BrokenSearch:
+    """Hangs on queries about alba, raises on bruno, searches for real otherwise."""
+
+    name = "search"
+
+    def __init__(self):
+        self.search, self.release = _search(), threading.Event()
+
+    def __call__(self, query: str) -> ToolOutput:
+        if "alba" in query:
+            self.release.wait(300)  # far past the deadline; bounded so a regression fails
+        if "bruno" in query:
+            raise ConnectionError("index down")
+        return self.search(query)
+
+
+def test_hung_and_raising_search_do_not_stall_a_vllm_rollout(vllm_engine, hf):
+    _, tokenizer = hf
+    search = _BrokenSearch()
+    cfg = RolloutConfig(
+        branch=BranchConfig(mode="flat", k=2),
+        sampling=SamplingConfig(temperature=TEMPERATURE),
+        max_response_tokens=96,
+        max_tool_calls=2,
+        tool_timeout_s=1.0,
+    )
+    prompts = [tokenizer.encode(toy.prompt(n)) for n in ("alba", "bruno", "ciro")]
+    try:
+        out = TreeRollout(vllm_engine, tokenizer, {"search": search}, cfg).run(prompts)
+    finally:
+        search.release.set()
+    expected = {"alba": "timeout", "bruno": "exception"}
+    calls = [c for t in out.trajectories for c in t.tool_calls]
+    for c in calls:
+        name = next((n for n in expected if n in c.query), None)
+        assert (c.ok, c.error) == (name is None, expected.get(name)), c
+    errors = [c.error for c in calls]
+    assert out.stats["tool_timeouts"] == errors.count("timeout") >= 1
+    assert out.stats["tool_errors"] == errors.count("exception") >= 1
+    assert any(c.ok and "lives in" in c.text for c in calls)  # ciro's search still works
+    assert out.stats["seconds"] < out.stats["rounds"] * cfg.tool_timeout_s + 60
+    open_ids = tokenizer.encode("\n<result>\n", add_special_tokens=False)
+    close_ids = tokenizer.encode("\n</result>\n", add_special_tokens=False)
+    for t in out.trajectories:
+        _check_masks(t, tokenizer, open_ids, close_ids)
 
 
 def test_update_weights_changes_samples_and_scores(vllm_engine, hf):

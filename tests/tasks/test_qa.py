@@ -203,6 +203,7 @@ def test_cli_reports_bad_data_and_exits_2(tmp_path):
         str(ROOT / "examples" / "qa.yaml"),
         f"task.options.train={bad}",
         f"run.dir={tmp_path / 'run'}",
+        "model.path=null",  # a fresh clone has no examples/qa/model: the data is checked first
     ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
