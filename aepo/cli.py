@@ -53,7 +53,8 @@ def _run(args, cfg) -> int:
     from aepo.train.loop import train as run_training
 
     run_dir = run_training(cfg)
-    print(f"run finished: {run_dir}")
+    if run_dir is not None:  # None: stopped by a signal, the checkpoint line already printed
+        print(f"run finished: {run_dir}")
     return 0
 
 

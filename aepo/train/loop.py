@@ -28,6 +28,7 @@ from aepo.train import checkpoint
 from aepo.train.config import ConfigError, TrainConfig, dump_config
 from aepo.train.engine import PolicyEngine, fused_head_blocker, init_distributed, pack, unpack
 from aepo.train.metrics import MetricsLogger
+from aepo.train.preempt import Preemption
 
 TIMING_KEYS = ("time_rollout", "time_train", "time_sync", "gen_tokens_per_s")
 
@@ -108,6 +109,7 @@ class Trainer:
             cfg.task.name, cfg.task.options, self.run_dir / "cache", cfg.task.module
         )
         self.skipped_steps, self.skip_streak, self.current_step = 0, 0, 0
+        self.preempted = False
         self.samples = list(self.task.samples("train"))
         self.group_key = getattr(self.task, "metric_group", None)
         self.groups = sorted({s[self.group_key] for s in self.samples}) if self.group_key else []
@@ -153,14 +155,29 @@ class Trainer:
             total_steps=cfg.run.steps,
             start_step=start,
         )
-        with logger:
+        with logger, Preemption() as preemption:
             for step in range(start, cfg.run.steps):
                 self.current_step = step
                 logger.log(step, self.step(step))
+                stop = preemption.requested()  # collective: every rank stops at this step
                 last = step + 1 == cfg.run.steps
-                if last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
+                if stop or last or (cfg.run.save_every and (step + 1) % cfg.run.save_every == 0):
                     self.save(step + 1)  # after a skipped step: the unchanged (finite) state
+                if stop:
+                    return self._preempted(stop, step + 1)
         self.policy.save_pretrained(str(self.run_dir / "final_model"), self.tokenizer)
+        return self.run_dir
+
+    def _preempted(self, signum, steps_done: int) -> Path:
+        """After a SIGTERM / SIGINT: say where the checkpoint is and how to resume."""
+        self.preempted = True
+        if self.rank == 0:
+            where = self.run_dir / "checkpoints" / f"step-{steps_done}"
+            print(
+                f"aepo: stopped by {signum.name} after step {steps_done}; checkpoint {where}; "
+                "resume: run the same command with run.resume=true",
+                flush=True,
+            )
         return self.run_dir
 
     def _resume(self) -> int:
@@ -374,9 +391,10 @@ class Trainer:
         return max(float(total), 1.0)
 
     def sync_weights(self) -> None:
-        """Trainer -> vLLM: gather ZeRO-3 shards bucket by bucket, reload, reset prefix cache."""
-        weights = [item for bucket in self.policy.gathered_parameters() for item in bucket]
-        self.engine.update_weights(weights)
+        """Trainer -> vLLM, streamed: each bucket of ZeRO-3 shards is gathered as vLLM's loader
+        reaches it and freed when it moves on (one bucket of extra memory, in the model's
+        dtype); then the tied head's refresh and the prefix-cache reset. Collective."""
+        self.engine.update_weights(self.policy.gathered_parameters())
 
     @torch.no_grad()
     def check_sync(self, prompt_ids: list[int], step: int) -> float:
@@ -479,11 +497,14 @@ def _rollout_metrics(out) -> dict[str, float]:
     }
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run a whole training job (one process, or one rank under torchrun / deepspeed)."""
+def train(cfg: TrainConfig) -> Path | None:
+    """Run a whole training job (one process, or one rank under torchrun / deepspeed).
+    Returns the run directory, or None when a signal stopped it after a checkpoint."""
     if not math.isfinite(cfg.rollout.temperature) or cfg.rollout.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0")
     cfg = dataclasses.replace(
         cfg, objective=dataclasses.replace(cfg.objective, temperature=cfg.rollout.temperature)
     )
-    return Trainer(cfg).fit()
+    trainer = Trainer(cfg)
+    run_dir = trainer.fit()
+    return None if trainer.preempted else run_dir
