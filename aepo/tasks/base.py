@@ -45,6 +45,16 @@ def register(name: str):
     return wrap
 
 
+def task_class(name: str, module: str | None = None) -> Callable[..., Task]:
+    """The registered factory of task ``name`` (``module`` imported first); unknown names
+    list the registered ones."""
+    for name_ in (*TASK_MODULES, *([module] if module else [])):  # each registers on import
+        importlib.import_module(name_)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
 def get_task(
     name: str,
     options: Mapping[str, Any] | None = None,
@@ -55,11 +65,7 @@ def get_task(
     config's ``task.module``) is imported first, so it can :func:`register` tasks of its own.
     A task class with ``uses_cache_dir = True`` gets ``cache_dir`` (e.g. the run's, for a
     search index) unless its options set one."""
-    for name_ in (*TASK_MODULES, *([module] if module else [])):  # each registers on import
-        importlib.import_module(name_)
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
-    factory, options = _REGISTRY[name], dict(options or {})
+    factory, options = task_class(name, module), dict(options or {})
     if getattr(factory, "uses_cache_dir", False) and cache_dir is not None:
         options.setdefault("cache_dir", str(cache_dir))
     return factory(**options)

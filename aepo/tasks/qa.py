@@ -142,11 +142,11 @@ class QATask:
     uses_cache_dir = True  # the search index is cached in the run's directory
 
     def __init__(self, **options: Any):
-        if unknown := sorted(set(options) - set(KNOWN_OPTIONS)):
-            raise DataError(
-                f"unknown task.options key {unknown[0]!r}; valid: {', '.join(KNOWN_OPTIONS)}"
-            )
         self.options = options
+        self.tool_options, protocol = self.check_options(options)
+        self.tool_tags = protocol["tool_tags"]
+        self.result_tag, self.answer_tag = protocol["result_tag"], protocol["answer_tag"]
+        self.tool_role = protocol["tool_role"]
         self.fields = Fields(
             options.get("question_key", "question"),
             options.get("answers_key", "answers"),
@@ -154,28 +154,39 @@ class QATask:
             options.get("group_key"),
         )
         self.metric_group = self.fields.group
-        self.tool_options = dict(options.get("tools") or {"search": {}})
-        if unknown := sorted(set(self.tool_options) - set(TOOL_HELP)):
-            raise DataError(f"task.options.tools: unknown tool {unknown[0]!r}; have search, python")
-        protocol = dict(options.get("protocol") or {})
-        self.result_tag = protocol.pop("result_tag", "result")
-        self.answer_tag = protocol.pop("answer_tag", "answer")
-        self.tool_role = bool(protocol.pop("tool_role", False))
-        if protocol:
-            raise DataError(f"task.options.protocol: unknown key {sorted(protocol)[0]!r}")
-        self.tool_tags = tuple(
-            (opts or {}).get("tag", name) for name, opts in self.tool_options.items()
-        )
-        try:
-            check_tags(self.tool_tags, self.result_tag, self.answer_tag)
-        except ValueError as exc:
-            raise DataError(f"task.options.protocol / tools: {exc}") from exc
         self.system = options.get("system_prompt", DEFAULT_SYSTEM)
         self.user = options.get("user_template", "{question}")
         _placeholders(self.system, SYSTEM_FIELDS, "system_prompt")
         self._splits = {split: self._load(split) for split in ("train", "eval")}
         _placeholders(self.user, sorted(self._splits["train"][0]), "user_template")
         self.reward = self._reward(dict(options.get("reward") or {}))
+
+    @staticmethod
+    def check_options(options: Mapping[str, Any]) -> tuple[dict, dict[str, Any]]:
+        """Check the options that need no data (keys, tools, tags, templates), as config
+        loading does before any work; returns (tool options, protocol)."""
+        if unknown := sorted(set(options) - set(KNOWN_OPTIONS)):
+            raise DataError(
+                f"unknown task.options key {unknown[0]!r}; valid: {', '.join(KNOWN_OPTIONS)}"
+            )
+        tools = dict(options.get("tools") or {"search": {}})
+        if unknown := sorted(set(tools) - set(TOOL_HELP)):
+            raise DataError(f"task.options.tools: unknown tool {unknown[0]!r}; have search, python")
+        protocol = dict(options.get("protocol") or {})
+        out = {
+            "tool_tags": tuple((opts or {}).get("tag", name) for name, opts in tools.items()),
+            "result_tag": protocol.pop("result_tag", "result"),
+            "answer_tag": protocol.pop("answer_tag", "answer"),
+            "tool_role": bool(protocol.pop("tool_role", False)),
+        }
+        if protocol:
+            raise DataError(f"task.options.protocol: unknown key {sorted(protocol)[0]!r}")
+        try:
+            check_tags(out["tool_tags"], out["result_tag"], out["answer_tag"])
+        except ValueError as exc:
+            raise DataError(f"task.options.protocol / tools: {exc}") from exc
+        _placeholders(options.get("system_prompt", DEFAULT_SYSTEM), SYSTEM_FIELDS, "system_prompt")
+        return tools, out
 
     def protocol(self, tokenizer=None) -> dict[str, Any]:
         """Rollout tags (tool calls, the inserted result, the answer); with ``tool_role`` the

@@ -43,10 +43,38 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message names the path and the cause."""
+
+
 def save_checkpoint(policy, root: Path, step: int, state: dict, keep_last: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final ``root/step-N`` directory."""
+    """Collective: every rank calls it. Returns the final ``root/step-N`` directory.
+
+    A write that fails (full disk, permissions, ...) raises :class:`CheckpointError` naming
+    the path on the rank that saw it, after removing the temporary directory: no ``step-N``
+    appears and the older checkpoints are untouched (they are pruned only after a success).
+    Under torchrun the other ranks are then stopped by the launcher.
+    """
     root = Path(root)
     tmp, final = root / f".tmp-step-{step}", root / f"step-{step}"
+    try:
+        _write(policy, root, tmp, final, step, state, keep_last)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = complete_checkpoints(root)
+        kept = (
+            f"the newest complete checkpoint, {previous[-1]}, is intact"
+            if previous
+            else ("there is no earlier checkpoint")
+        )
+        raise CheckpointError(
+            f"checkpoint step-{step} could not be written to {tmp} "
+            f"({type(exc).__name__}: {exc}); {kept}"
+        ) from exc
+    return final
+
+
+def _write(policy, root: Path, tmp: Path, final: Path, step: int, state: dict, keep_last: int):
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -65,7 +93,6 @@ def save_checkpoint(policy, root: Path, step: int, state: dict, keep_last: int =
         os.replace(tmp, final)
         _prune(root, keep_last)
     _barrier()
-    return final
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -235,6 +235,7 @@ def _validate(cfg: TrainConfig) -> None:
             "model.attn_implementation=flash_attention_2 packs sequences without padding: it "
             "needs objective.agg token-mean or constant and entropy_adv_norm batch or micro"
         )
+    _validate_cross(cfg)
     per_rank = cfg.task.prompts_per_step * cfg.rollout.k
     mini = cfg.optim.mini_batch_size or per_rank
     if per_rank % mini or mini % cfg.optim.micro_batch_size:
@@ -243,6 +244,37 @@ def _validate(cfg: TrainConfig) -> None:
             f"(task.prompts_per_step x rollout.k), and optim.micro_batch_size "
             f"({cfg.optim.micro_batch_size}) must divide it"
         )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _validate_cross(cfg: TrainConfig) -> None:
+    """Cross-field checks that would otherwise fail minutes into a run."""
+    if cfg.rollout.k < 2:
+        raise ConfigError(
+            f"rollout.k={cfg.rollout.k}: advantages are relative to the other trajectories of "
+            f"the same prompt, so one per prompt gives every advantage 0 "
+            f"(objective.objective={cfg.objective.objective} would learn nothing); use k >= 2"
+        )
+    path = cfg.model.path
+    if path is not None and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(
+            f"model.path {path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer with the model (tokenizer.save_pretrained)"
+        )
+    if cfg.eval.k > 1 and cfg.eval.temperature <= 0:
+        raise ConfigError(
+            f"eval.k={cfg.eval.k} samples need eval.temperature > 0 (got {cfg.eval.temperature})"
+        )
+    from aepo.tasks.base import task_class
+
+    try:
+        check = getattr(task_class(cfg.task.name, cfg.task.module), "check_options", None)
+        if check is not None:
+            check(cfg.task.options)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"task: {exc}") from exc
 
 
 def to_dict(cfg) -> dict:

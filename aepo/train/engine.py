@@ -304,30 +304,44 @@ class PolicyEngine:
             norm = self._last_norm.item()  # one host sync per logged step, not per optimizer step
         return float(norm) if norm is not None else float("nan")
 
-    def gathered_parameters(self) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full (unsharded) parameters in buckets of about ``sync_bucket_mb``, HF names.
+    def gathered_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(HF name, full tensor)`` of every parameter, in the model's dtype, streamed: the
+        ZeRO-3 shards are gathered a bucket of about ``sync_bucket_mb`` at a time, when the
+        consumer reaches the bucket, and partitioned again when it moves past it, so that the
+        stream itself holds one bucket at most.
 
-        Collective under ZeRO-3: every rank must iterate it in step.
+        Collective under ZeRO-3: every rank must iterate it to the end, in step.
+
+        The tensors are not copies. Inside the bucket's ``GatheredParameters`` context they are
+        the gathered parameters (``p.detach()``, no clone); leaving it only rebinds each
+        parameter's ``.data`` to an empty tensor (DeepSpeed's ``free_param``), so a tensor the
+        consumer still holds keeps its own full storage and its values (what vLLM's layerwise
+        reload relies on when it buffers a layer's q/k/v across a bucket boundary). A clone
+        per bucket would only add a bucket of memory: a consumer that must keep a tensor past
+        the next optimizer step copies it (as vLLM's loader does, into its own parameters).
+        Under ZeRO 0-2, and for ZeRO-3's small persistent parameters, a tensor is the live
+        parameter: read it, never write it (``modifier_rank=None``: writes would not reach the
+        shards and are a DeepSpeed error when its sanity checks are on).
         """
         import deepspeed
 
-        named = list(self.engine.module.named_parameters())
+        for bucket in self._buckets():
+            with deepspeed.zero.GatheredParameters([p for _, p in bucket], modifier_rank=None):
+                for name, p in bucket:
+                    yield name, p.detach()
+
+    def _buckets(self) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+        """Named parameters in consecutive groups of about ``bucket_bytes`` (full sizes)."""
         bucket, size = [], 0
-        for name, p in named:
+        for name, p in self.engine.module.named_parameters():
             numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
             bucket.append((name, p))
             size += numel * p.element_size()
             if size >= self.bucket_bytes:
-                yield self._gather(deepspeed, bucket)
+                yield bucket
                 bucket, size = [], 0
         if bucket:
-            yield self._gather(deepspeed, bucket)
-
-    @staticmethod
-    def _gather(deepspeed, bucket):
-        params = [p for _, p in bucket]
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return [(name, p.detach().float().clone()) for name, p in bucket]
+            yield bucket
 
     def save(self, directory: str, tag: str = "ds") -> None:
         self.engine.save_checkpoint(directory, tag=tag)
@@ -341,8 +355,12 @@ class PolicyEngine:
         """HF folder of the full model (rank 0 writes; collective gather on every rank)."""
         import torch.distributed as dist
 
-        state = {name: t for bucket in self.gathered_parameters() for name, t in bucket}
-        if dist.get_rank() == 0:
+        rank0 = dist.get_rank() == 0
+        state = {}
+        for name, t in self.gathered_parameters():  # fp32, on the host; rank 0 alone keeps them
+            if rank0:
+                state[name] = t.to("cpu", torch.float32, copy=True)
+        if rank0:
             module = self.engine.module
             module.save_pretrained(directory, state_dict=state, safe_serialization=True)
             if tokenizer is not None:

@@ -47,11 +47,11 @@ def capture_gradients(policy: PolicyEngine) -> dict[str, torch.Tensor]:
     grads: dict[str, torch.Tensor] = {}
     real_step = policy.step
 
-    def step() -> None:
+    def step(*args, **kwargs):
         if policy.engine.is_gradient_accumulation_boundary():
             for name, param in policy.engine.module.named_parameters():
                 grads[name] = safe_get_full_grad(param).detach().float().cpu().clone()
-        real_step()
+        return real_step(*args, **kwargs)
 
     policy.step = step
     return grads
@@ -83,7 +83,7 @@ def run(model_dir: str, stage: int, mode: str) -> dict:
     batch["old_logp"] = batch["old_logp"] + 0.05 * noise  # ratios != 1: some are clipped
     grads = capture_gradients(trainer.policy)
     metrics = trainer._mini_batch(batch, slice(0, B))
-    params = {n: t for bucket in trainer.policy.gathered_parameters() for n, t in bucket}
+    params = {n: t.float().clone() for n, t in trainer.policy.gathered_parameters()}
     out = {
         "params": params,
         "grads": grads,

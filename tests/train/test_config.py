@@ -47,6 +47,12 @@ def test_resolved_config_round_trips(tmp_path):
         (["rollout.tool_timeout_s=0"], r"rollout.tool_timeout_s must be > 0, got 0.0"),
         (["objective.temperature=0.5"], r"set rollout.temperature instead"),
         (["rollout"], r"must look like section.key=value"),
+        (["rollout.k=1"], r"rollout.k=1: .* every advantage 0 \(objective.objective=aepo"),
+        (["eval.temperature=0"], r"eval.k=4 samples need eval.temperature > 0"),
+        (["task.name=nope"], r"task: unknown task 'nope'; registered: "),
+        (["task.name=qa", "task.options.protocol.answer_tag=search"], r"task: .*tags collide"),
+        (["task.name=qa", "task.options.tools.browser={}"], r"unknown tool 'browser'"),
+        (["task.module=no_such_module"], r"task: No module named 'no_such_module'"),
     ],
     ids=[
         "unknown-key",
@@ -64,6 +70,12 @@ def test_resolved_config_round_trips(tmp_path):
         "tool-timeout0",
         "temperature",
         "no-equals",
+        "k1-group-advantage",
+        "eval-greedy-pass-at-k",
+        "unknown-task",
+        "qa-tags-collide",
+        "qa-unknown-tool",
+        "task-module",
     ],
 )
 def test_bad_config_names_the_key(overrides, match):
@@ -97,3 +109,9 @@ def test_config_reference_is_current():
     for section in dataclasses.fields(TrainConfig):
         for f in dataclasses.fields(getattr(defaults, section.name)):
             assert f"`{section.name}.{f.name}`" in doc
+
+
+def test_model_without_tokenizer_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"has no tokenizer \(none of tokenizer.json"):
+        load_config(None, [f"model.path={tmp_path}"])

@@ -114,9 +114,21 @@ class VLLMEngine:
 
         vLLM's CPU backend repacks linear weights at load time, so in-place edits of its
         parameters do not take; ``reload_weights`` runs its loader again.
+
+        Streamed: with multiprocessing off, the in-process "uni" and "external_launcher"
+        executors call the local worker's ``reload_weights`` directly (``run_method``, no
+        serialisation), so ``named_tensors`` itself reaches the loader, which pulls one tensor
+        at a time and copies it into vLLM's own parameters (its layerwise reload keeps a
+        reference only until the tensor's layer is complete). Nothing is listed here: the
+        memory held is what the iterable holds. It is drained to the end even when loading
+        fails, so that a collective iterable (ZeRO-3 gathers) stays in step across ranks.
         """
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        weights = ((name, t.detach()) for name, t in named_tensors)
+        try:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        finally:
+            for _ in weights:
+                pass
         self.llm.collective_rpc(_refresh_tied_lm_head)
         self.llm.reset_prefix_cache()
 

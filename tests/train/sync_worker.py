@@ -1,0 +1,102 @@
+"""torchrun worker of test_weight_sync.py: for each model folder given (a tied and an untied
+Llama), a ZeRO-3 PolicyEngine and its colocated vLLM, one optimizer step that moves the weights,
+then the Trainer's own streaming ``sync_weights`` and ``check_sync``. Rank 0 saves what every
+rank got.
+
+    torchrun --nproc_per_node 2 tests/train/sync_worker.py OUT.json MODEL_DIR [MODEL_DIR ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from aepo.train.config import load_config
+from aepo.train.engine import PolicyEngine, init_distributed
+from aepo.train.loop import Trainer, make_engine
+
+PROMPT = [5, 17, 42, 8, 23, 11, 64, 3]  # token ids (every test model's vocabulary has them)
+
+
+def make_trainer(model_dir: str) -> Trainer:
+    """A Trainer with only what a sync and its check need: the policy and the vLLM engine."""
+    overrides = [
+        "deepspeed.zero_stage=3",
+        "deepspeed.sync_bucket_mb=1",  # several buckets per model
+        "optim.lr=0.01",
+        "logging.sync_check_tokens=16",
+    ]
+    cfg = load_config(None, overrides)
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg, trainer.rank, trainer.world = cfg, dist.get_rank(), dist.get_world_size()
+    trainer.policy = PolicyEngine(cfg, model_dir, grad_accum=1)
+    trainer.engine = make_engine(cfg, model_dir, trainer.world, None)
+    return trainer
+
+
+def optimizer_step(trainer: Trainer) -> None:
+    """One AdamW step on a next-token loss over a rank-dependent random batch."""
+    vocab = trainer.policy.engine.module.config.vocab_size
+    g = torch.Generator().manual_seed(trainer.rank)
+    ids = torch.randint(3, vocab, (2, 12), generator=g)
+    logits, _ = trainer.policy.logits(ids, torch.ones_like(ids))
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()
+    )
+    trainer.policy.backward(loss)
+    assert trainer.policy.step() is True
+
+
+def stale_detected(trainer: Trainer) -> bool:
+    """Whether check_sync fails before the sync (the step moved the weights that far)."""
+    try:
+        trainer.check_sync(PROMPT, 0)
+    except RuntimeError:
+        return True
+    return False
+
+
+def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: t.clone() for n, t in trainer.policy.gathered_parameters()}
+
+
+def run(trainer: Trainer) -> dict:
+    """Step, stale check, streaming sync, check; what each showed."""
+    optimizer_step(trainer)
+    stale = stale_detected(trainer)
+    before = snapshot(trainer)
+    trainer.sync_weights()
+    diff = trainer.check_sync(PROMPT, 1)  # raises above logging.sync_tolerance (1e-4)
+    after = snapshot(trainer)
+    module = trainer.policy.engine.module
+    return {
+        "tied": bool(module.config.tie_word_embeddings),
+        "stale_detected": stale,
+        "diff": diff,
+        "tolerance": trainer.cfg.logging.sync_tolerance,
+        "trainer_unchanged": all(torch.equal(before[n], after[n]) for n in before),
+        "buckets": len(list(trainer.policy._buckets())),
+        "partitioned": sum(p.data.numel() == 0 for p in module.parameters()),  # not persistent
+    }
+
+
+def main() -> None:
+    out, model_dirs = sys.argv[1], sys.argv[2:]
+    init_distributed()
+    # every engine kept until the end: a vLLM engine torn down under external_launcher takes
+    # the default process group with it
+    trainers = [make_trainer(d) for d in model_dirs]
+    rows = [run(t) for t in trainers]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, rows)
+    if dist.get_rank() == 0:
+        with open(out, "w") as f:
+            json.dump(gathered, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
