@@ -265,6 +265,7 @@ def _env() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device_name("cpu"),
         "cpus": os.cpu_count(),
+        "loadavg_1min_at_start": os.getloadavg()[0],  # a shared host makes times noisy
         "python": platform.python_version(),
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
@@ -286,6 +287,11 @@ def _render(report: dict) -> str:
         "step and followed by the trainer's log-prob check (Trainer.check_sync). Peak extra: "
         "VmHWM above VmRSS just before the sync, the largest over the syncs; time: median. "
         "Modes and allocators: see benchmarks/bench_sync.py.",
+        "",
+        "`list` is the former sync (before), `stream` the current `Trainer.sync_weights` "
+        "(after), `stream-clone` the per-bucket-clone alternative, `reload-only` what vLLM's "
+        "reload itself allocates. `mmap128k` rows are live memory; `glibc` rows add the "
+        "heap fragmentation a default run sees.",
         "",
         "| allocator | mode | rank | peak extra MiB | sync s | RSS before MiB | log-prob diff |",
         "|---|---|---:|---:|---:|---:|---:|",
