@@ -188,14 +188,19 @@ class QATask:
         _placeholders(options.get("system_prompt", DEFAULT_SYSTEM), SYSTEM_FIELDS, "system_prompt")
         return tools, out
 
-    def protocol(self, tokenizer=None) -> dict[str, Any]:
-        """Rollout tags (tool calls, the inserted result, the answer); with ``tool_role`` the
-        result also goes into the chat template's tool turn (:func:`tool_turn_wrappers`)."""
-        out = {
+    @property
+    def tags(self) -> dict[str, Any]:
+        """The tool-call protocol's tags, as RolloutConfig and RewardConfig take them."""
+        return {
             "tool_tags": self.tool_tags,
             "result_tag": self.result_tag,
             "answer_tag": self.answer_tag,
         }
+
+    def protocol(self, tokenizer=None) -> dict[str, Any]:
+        """Rollout tags (tool calls, the inserted result, the answer); with ``tool_role`` the
+        result also goes into the chat template's tool turn (:func:`tool_turn_wrappers`)."""
+        out = self.tags
         if self.tool_role:
             wrappers = tool_turn_wrappers(tokenizer, self.result_tag)
             out |= dict(zip(("result_open", "result_close"), wrappers, strict=True))
@@ -215,11 +220,7 @@ class QATask:
     def _reward(self, cfg: dict[str, Any]) -> RewardFn:
         if "function" in cfg:
             return load_reward_function(cfg.pop("function"))
-        tags = {
-            "tool_tags": self.tool_tags,
-            "result_tag": self.result_tag,
-            "answer_tag": self.answer_tag,
-        }
+        tags = self.tags
         cfg.setdefault("bonus_tools", list(self.tool_tags))
         cfg["bonus_tools"] = tuple(cfg["bonus_tools"])
         try:

@@ -329,7 +329,7 @@ class Trainer:
             )
         normalizer = self._normalizer(mask)
         logged: dict[str, list[torch.Tensor]] = {}
-        nonfinite, stepped = torch.zeros((), dtype=torch.bool), None
+        nonfinite, stepped = None, None  # on the loss's device: no host sync per micro-batch
         micro = cfg.optim.micro_batch_size
         for lo in range(rows.start, rows.start + mask.shape[0], micro):
             r = slice(lo, lo + micro)
@@ -342,7 +342,8 @@ class Trainer:
                 entropy_adv_norm=norm,
                 group_ids=groups,
             )
-            nonfinite = nonfinite | ~torch.isfinite(loss.detach()).cpu()
+            bad = ~torch.isfinite(loss.detach())
+            nonfinite = bad if nonfinite is None else nonfinite | bad
             self.policy.backward(loss * self.world)  # DeepSpeed averages gradients over ranks
             stepped = self.policy.step(nonfinite)
             for key, value in {"loss": loss, **metrics}.items():

@@ -28,6 +28,15 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "examples" / "smoke.yaml"
+TORCHRUN_2 = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--nproc_per_node",
+    "2",
+    "-m",
+    "aepo.cli",
+]
 TIMING = {"time_rollout", "time_train", "time_sync", "gen_tokens_per_s"}
 
 
@@ -60,13 +69,7 @@ def _metrics(run_dir) -> list[dict]:
 def test_two_ranks_torchrun(tmp_path, base_model):
     run = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "aepo.cli",
+        *TORCHRUN_2,
         *_args(run, base_model, "run.steps=2"),
     ]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
@@ -176,13 +179,7 @@ def test_sigterm_to_one_rank_stops_both(tmp_path, base_model):
     one checkpoint together and exit 0."""
     run = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "aepo.cli",
+        *TORCHRUN_2,
         *_args(run, base_model, "run.steps=6", "run.save_every=0"),
     ]
     proc = subprocess.Popen(
