@@ -14,8 +14,12 @@ VERL_SITE := verl==0.9.1 ray==2.60.0 tensordict==0.10.0 pyvers==0.2.3 omegaconf=
 # make gpu-check: on a CUDA machine, with the Python already there (nothing is installed).
 OUT    ?= benchmarks/results
 DRY_RUN ?=
+# make gpu-peers: the pure-Python peers (and what TRL's chunked backward imports) unpacked into
+# .peers/ for an offline GPU machine's Python: carry it there, pass --peers .peers.
+GPU_PYVER ?= 3.12
+GPU_PEERS := liger-kernel==0.8.5 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
-.PHONY: install test demo bench gpu-check lint format clean
+.PHONY: install test demo bench gpu-check gpu-peers lint format clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,16 +44,23 @@ demo: $(STAMP)
 	DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python -m aepo.demo
 
 bench: $(STAMP)
+	rm -f benchmarks/results/kernels_cpu.jsonl benchmarks/results/linear_cpu.jsonl
 	$(BIN)/python -m pytest benchmarks/bench_kernels.py -q -p no:cacheprovider \
-		--benchmark-json=benchmarks/results/kernels_cpu.json
-	$(BIN)/python benchmarks/render_bench.py benchmarks/results/kernels_cpu.json
+		--rows=benchmarks/results/kernels_cpu.jsonl
+	$(BIN)/python benchmarks/render_bench.py benchmarks/results/kernels_cpu.jsonl
 	$(BIN)/python -m pytest benchmarks/bench_linear.py -q -p no:cacheprovider \
-		--benchmark-json=benchmarks/results/linear_cpu.json
-	$(BIN)/python benchmarks/render_bench.py benchmarks/results/linear_cpu.json
+		--rows=benchmarks/results/linear_cpu.jsonl
+	$(BIN)/python benchmarks/render_bench.py benchmarks/results/linear_cpu.jsonl
 	$(BIN)/python benchmarks/kernel_resources.py
 
+# The same without make: PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT
 gpu-check:
-	PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(DRY_RUN),--dry-run)
+	PYTHONUNBUFFERED=1 PYTHONPATH=$(CURDIR) $(PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(DRY_RUN),--dry-run)
+
+gpu-peers: $(STAMP)
+	rm -rf .peers
+	$(BIN)/pip install -q --no-deps --only-binary=:all: --python-version $(GPU_PYVER) \
+		--target .peers $(GPU_PEERS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -14,6 +14,8 @@ import inspect
 import torch
 import torch.distributed as dist
 
+from aepo.distributed import all_reduce
+
 OBJECTIVES = ("aepo", "grpo", "ppo", "dapo", "gppo", "cispo")
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "constant")
 ENTROPY_NORMS = ("batch", "micro", "group")
@@ -99,11 +101,11 @@ def entropy_statistics(
     reduce = norm == "batch" and process_group is not None and dist.is_initialized()
     stats = torch.stack([(h * w).sum(), w.sum()])
     if reduce:
-        dist.all_reduce(stats, group=process_group)
+        all_reduce(stats, group=process_group)
     mean = stats[0] / stats[1].clamp(min=1)
     sq = ((h - mean).square() * w).sum()
     if reduce:
-        dist.all_reduce(sq, group=process_group)
+        all_reduce(sq, group=process_group)
     return mean, _safe_std(sq, stats[1])
 
 

@@ -1,23 +1,29 @@
-"""pytest-benchmark suite: per-token log-prob + entropy and the fused policy loss, with peers.
+"""Kernel benchmark suite (pytest runs it): per-token log-prob + entropy and the fused policy
+loss over logits, with peers.
 
 Ops: ``fwd`` (logp and entropy of every token, with autograd recording), ``bwd`` (the backward
-of sum(g_lp * logp + g_h * entropy), forward untimed) and ``loss`` (AEPO policy loss with an
-entropy bonus, forward + backward). Implementations: ``naive`` (log_softmax + gather + softmax
-entropy in eager torch), ``compiled`` (``torch.compile`` of the same code, CUDA), ``aepo``
-(triton on CUDA, the chunked torch backend on CPU), ``aepo-inplace`` (gradient written into the
-logits), and Liger-Kernel's Triton ``cross_entropy`` and ``grpo_loss`` (CUDA, when importable;
-``loss`` only: see COMPUTES for what each computes). Every implementation reads the same
-contiguous [B, T, V] logits (``logits[:, :-1]`` of a [B, T+1, V] lm_head output), except
-Liger's GRPO loss, which takes the [B, T+1, V] tensor itself, as it expects.
+of sum(g_lp * logp + g_h * entropy); its forward runs in the round's setup, finished before the
+timer starts) and ``loss`` (AEPO policy loss with an entropy bonus, forward + backward).
+Implementations, in the order they run (ours first, ``torch.compile`` last: its compile time is
+the largest unknown): ``aepo`` (triton on CUDA, the chunked torch backend on CPU),
+``aepo-inplace`` (gradient written into the logits), ``naive`` (log_softmax + gather + softmax
+entropy in eager torch), ``trl`` (TRL 1.16's Triton log-prob + entropy kernel, CUDA), Liger-Kernel's
+Triton ``cross_entropy`` and ``grpo_loss`` (CUDA, ``loss`` only: see COMPUTES for what each
+computes) and ``compiled`` (``torch.compile`` of the naive code, CUDA). Every implementation
+reads the same contiguous [B, T, V] logits (``logits[:, :-1]`` of a [B, T+1, V] lm_head
+output), except Liger's GRPO loss, which takes the [B, T+1, V] tensor itself, as it expects.
 
-``extra_info`` of each benchmark: what it computes, bytes moved (fwd reads the logits once, bwd
-reads them and writes the gradient, loss does both), peak extra memory of the timed region
-(above the inputs: for bwd, above the state its forward left), and on CUDA the bandwidth floor
-(bytes / measured device copy bandwidth) and the ratio to it.
+Timing (``timing.measure``): CUDA events around the call with the queue pre-filled, so
+``device_ms`` is kernel time; ``host_ms`` is the host time to issue one call, reported apart.
+Each row, written to ``--rows`` (JSON lines) the moment it is measured, also has the bytes
+moved (fwd reads the logits once, bwd reads them and writes the gradient, loss does both), the
+peak extra memory of one warm round above its inputs (for bwd, above the state its forward
+left) and on CUDA the bandwidth floor (bytes / measured device copy bandwidth) and
+``x_floor = device_ms / floor_ms``.
 
-    pytest benchmarks/bench_kernels.py --benchmark-json out.json              # CPU defaults
+    pytest benchmarks/bench_kernels.py --rows out.jsonl                       # CPU defaults
     pytest benchmarks/bench_kernels.py --device cuda --n 16384 --vocab 151936 --dtype bf16
-    python benchmarks/render_bench.py out.json                                # markdown table
+    python benchmarks/render_bench.py out.jsonl                               # markdown tables
 """
 
 from __future__ import annotations
@@ -35,17 +41,24 @@ import torch
 from aepo.kernels import fused_policy_loss, logprobs_and_entropy, naive_logprobs_and_entropy
 from aepo.objectives import policy_loss
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers
+import timing
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-IMPLS = ("naive", "compiled", "aepo", "aepo-inplace", "liger-ce", "liger-grpo")
+IMPLS = ("aepo", "aepo-inplace", "naive", "trl", "liger-ce", "liger-grpo", "compiled")
 OPS = ("fwd", "bwd", "loss")
-GPU_ONLY = {"compiled", "liger-ce", "liger-grpo"}
+GPU_ONLY = {"compiled", "trl", "liger-ce", "liger-grpo"}
 LOSS_ONLY = {"liger-ce", "liger-grpo"}
+PEER = {"trl": "trl-triton", "liger-ce": "liger", "liger-grpo": "liger"}
 LOSS_KW = {"objective": "aepo", "entropy_coef": 0.01}
 COMPUTES = {
     "naive": "logp + entropy (+ AEPO loss); autograd over [N, V] fp32 intermediates",
     "compiled": "the naive code through torch.compile",
     "aepo": "logp + entropy (+ AEPO loss with entropy bonus); one pass fwd, one pass bwd",
     "aepo-inplace": "as aepo, gradient written into the logits' storage",
+    "trl": "TRL's Triton kernel: logp + entropy in one pass fwd, one pass bwd "
+    "(+ the AEPO loss in eager torch on its outputs)",
     "liger-ce": "Liger cross entropy: logp only (no entropy, no policy loss); gradient "
     "computed in the forward and written into its input",
     "liger-grpo": "Liger Triton GRPO loss (clipped ratio, no entropy, no dual clip)",
@@ -84,9 +97,12 @@ def make_case(n: int, vocab: int, dtype: torch.dtype, device: str, seed: int = 0
     return Case(full, logits, labels, old.float(), rand(b), mask, rand(b, t), rand(b, t))
 
 
-def _naive_loss(x: torch.Tensor, case: Case) -> torch.Tensor:
-    logp, ent = naive_logprobs_and_entropy(x, case.labels)
+def _policy_loss(logp: torch.Tensor, ent: torch.Tensor, case: Case) -> torch.Tensor:
     return policy_loss(logp, case.old_logp, case.advantages, case.mask, entropy=ent, **LOSS_KW)[0]
+
+
+def _naive_loss(x: torch.Tensor, case: Case) -> torch.Tensor:
+    return _policy_loss(*naive_logprobs_and_entropy(x, case.labels), case)
 
 
 @functools.cache
@@ -101,10 +117,40 @@ def forward(impl: str, x: torch.Tensor, case: Case):
         return naive_logprobs_and_entropy(x, case.labels)
     if impl == "compiled":
         return _compiled("fwd")(x, case.labels)
+    if impl == "trl":
+        return peers.trl_kernel("logprob_entropy").selective_log_softmax_and_entropy(x, case.labels)
     backend = "triton" if x.is_cuda else "torch"
     return logprobs_and_entropy(
         x, case.labels, backend=backend, inplace_grad=impl == "aepo-inplace"
     )
+
+
+def _liger_loss(impl: str, x: torch.Tensor, case: Case) -> torch.Tensor:
+    if impl == "liger-ce":
+        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
+
+        out = LigerCrossEntropyFunction.apply(
+            x, case.labels.reshape(-1), None, -100, 0.0, 0.0, "sum"
+        )
+        return out[0] if isinstance(out, tuple) else out
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss
+
+    out = triton_grpo_loss(
+        x,
+        case.old_logp,
+        None,
+        case.labels,
+        case.seq_adv,
+        case.mask,
+        temperature=1.0,
+        beta=0.0,
+        eps_low=0.2,
+        eps_high=0.2,
+        inplace=False,
+        loss_type="grpo",
+        reduce=True,
+    )
+    return out[0] if isinstance(out, tuple) else out
 
 
 def loss(impl: str, x: torch.Tensor, case: Case) -> torch.Tensor:
@@ -114,32 +160,10 @@ def loss(impl: str, x: torch.Tensor, case: Case) -> torch.Tensor:
         return _naive_loss(x, case)
     if impl == "compiled":
         return _compiled("loss")(x, case)
-    if impl == "liger-ce":
-        from liger_kernel.ops.cross_entropy import LigerCrossEntropyFunction
-
-        out = LigerCrossEntropyFunction.apply(
-            x, case.labels.reshape(-1), None, -100, 0.0, 0.0, "sum"
-        )
-        return out[0] if isinstance(out, tuple) else out
-    if impl == "liger-grpo":
-        from liger_kernel.transformers.grpo_loss import triton_grpo_loss
-
-        out = triton_grpo_loss(
-            x,
-            case.old_logp,
-            None,
-            case.labels,
-            case.seq_adv,
-            case.mask,
-            temperature=1.0,
-            beta=0.0,
-            eps_low=0.2,
-            eps_high=0.2,
-            inplace=False,
-            loss_type="grpo",
-            reduce=True,
-        )
-        return out[0] if isinstance(out, tuple) else out
+    if impl == "trl":
+        return _policy_loss(*forward(impl, x, case), case)
+    if impl.startswith("liger"):
+        return _liger_loss(impl, x, case)
     backend = "triton" if x.is_cuda else "torch"
     kw = {"backend": backend, "inplace_grad": impl == "aepo-inplace", **LOSS_KW}
     return fused_policy_loss(x, case.labels, case.old_logp, case.advantages, case.mask, **kw)[0]
@@ -156,22 +180,23 @@ def _input(impl: str, case: Case) -> torch.Tensor:
     return case.logits.detach().requires_grad_()
 
 
-def rounds(impl: str, op: str, case: Case, sync):
-    """(setup, run) for ``benchmark.pedantic``: setup builds the round's inputs (untimed)."""
+def rounds(impl: str, op: str, case: Case):
+    """(setup, run) of one round: setup builds its inputs (and, for bwd, runs the forward);
+    ``timing.measure`` finishes setup's queued work before it times ``run``."""
     if op == "fwd":
-        setup = lambda: ((_input(impl, case),), {})
-        run = lambda x: (forward(impl, x, case), sync())
+        setup = lambda: (_input(impl, case),)
+        run = lambda x: forward(impl, x, case)
     elif op == "bwd":
 
         def setup():
             x = _input(impl, case)
             logp, ent = forward(impl, x, case)
-            return (x, (logp * case.g_lp + ent * case.g_h).sum()), {}
+            return x, (logp * case.g_lp + ent * case.g_h).sum()
 
-        run = lambda x, y: (torch.autograd.grad(y, x), sync())
+        run = lambda x, y: torch.autograd.grad(y, x)
     else:
-        setup = lambda: ((_input(impl, case),), {})
-        run = lambda x: (torch.autograd.grad(loss(impl, x, case), x), sync())
+        setup = lambda: (_input(impl, case),)
+        run = lambda x: torch.autograd.grad(loss(impl, x, case), x)
     return setup, run
 
 
@@ -182,24 +207,19 @@ def skip_reason(impl: str, op: str, device: str) -> str | None:
         return f"{impl}: compared on the loss (fwd+bwd) only"
     if impl == "aepo-inplace" and op == "fwd":
         return "aepo-inplace: same forward as aepo"
-    if impl.startswith("liger"):
-        try:
-            import liger_kernel  # noqa: F401
-        except ImportError:
-            return "Liger-Kernel is not importable here"
-    return None
+    return peers.missing(PEER[impl]) if impl in PEER else None
 
 
-def peak_extra_bytes(impl: str, op: str, case: Case, device: str) -> int:
-    """Peak memory of one timed region above what its setup left (inputs, bwd's forward)."""
-    if device != "cuda":
-        raise ValueError("in-process peak memory is measured on CUDA only; CPU uses cpu_peak")
-    setup, run = rounds(impl, op, case, torch.cuda.synchronize)
-    args, _ = setup()
+def peak_extra_bytes(impl: str, op: str, case: Case) -> int:
+    """CUDA: peak memory of one (warm) round above what its setup left (inputs, bwd's
+    forward)."""
+    setup, run = rounds(impl, op, case)
+    args = setup()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     run(*args)
+    torch.cuda.synchronize()
     del args
     return torch.cuda.max_memory_allocated() - base
 
@@ -221,11 +241,11 @@ def cpu_peak(impl: str, op: str, n: int, vocab: int, dtype: str) -> int:
 
 def _cpu_peak_child(impl: str, op: str, n: int, vocab: int, dtype: str) -> None:
     small = make_case(4, 64, DTYPES[dtype], "cpu")  # warm-up: first-call allocations
-    setup, run = rounds(impl, op, small, lambda: None)
-    run(*setup()[0])
+    setup, run = rounds(impl, op, small)
+    run(*setup())
     case = make_case(n, vocab, DTYPES[dtype], "cpu")
-    setup, run = rounds(impl, op, case, lambda: None)
-    args, _ = setup()
+    setup, run = rounds(impl, op, case)
+    args = setup()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     base = _rss_kib("VmRSS")
     run(*args)
@@ -244,12 +264,10 @@ def copy_bandwidth(bench_cfg) -> float | None:
     """Device-to-device copy bandwidth in bytes/s (read + write), CUDA only."""
     if bench_cfg.device != "cuda":
         return None
-    import triton.testing
-
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3)
+    t = timing.measure(lambda: (), lambda: dst.copy_(src), "cuda", rounds=10, warmup=2)
+    return 2 * src.numel() / (t.device_ms * 1e-3)
 
 
 @functools.lru_cache(maxsize=1)  # one case alive at a time: they are GBs on the GPU
@@ -257,30 +275,29 @@ def _case(n: int, vocab: int, dtype: str, device: str) -> Case:
     return make_case(n, vocab, DTYPES[dtype], device)
 
 
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("impl", IMPLS)
-def test_kernel(benchmark, bench_cfg, copy_bandwidth, vocab, impl, op):
+@pytest.mark.parametrize(
+    "impl, op", [(i, o) for i in IMPLS for o in OPS], ids=[f"{i}-{o}" for i in IMPLS for o in OPS]
+)
+def test_kernel(bench_cfg, copy_bandwidth, record_row, vocab, impl, op):
     reason = skip_reason(impl, op, bench_cfg.device)
     if reason:
         pytest.skip(reason)
     cfg = bench_cfg
     case = _case(cfg.n, vocab, cfg.dtype, cfg.device)
-    sync = torch.cuda.synchronize if cfg.device == "cuda" else (lambda: None)
-    if cfg.device == "cuda":
-        peak = peak_extra_bytes(impl, op, case, cfg.device)
+    t = timing.measure(*rounds(impl, op, case), cfg.device, cfg.rounds, warmup=1)
+    if cfg.device == "cuda":  # after the warm-up: compiled code and caches exist
+        peak = peak_extra_bytes(impl, op, case)
     else:
         peak = cpu_peak(impl, op, cfg.n, vocab, cfg.dtype)
-    setup, run = rounds(impl, op, case, sync)
-    benchmark.pedantic(run, setup=setup, rounds=cfg.rounds, warmup_rounds=1)
     nbytes = BYTES_PER_ELEMENT_PASS[op] * cfg.n * vocab * case.logits.element_size()
-    info = {"impl": impl, "op": op, "computes": COMPUTES[impl], "n": cfg.n, "vocab": vocab}
-    info |= {"dtype": cfg.dtype, "device": cfg.device, "bytes": nbytes, "peak_extra_bytes": peak}
-    info["device_name"] = device_name(cfg.device)
+    row = {"suite": "kernels", "impl": impl, "op": op, "computes": COMPUTES[impl], "n": cfg.n}
+    row |= {"vocab": vocab, "dtype": cfg.dtype, "device": cfg.device, "bytes": nbytes}
+    row |= {"peak_extra_bytes": peak, "device_name": device_name(cfg.device), **t.as_dict()}
     if copy_bandwidth:
         floor_ms = 1e3 * nbytes / copy_bandwidth
-        info |= {"copy_bandwidth_GBps": copy_bandwidth / 1e9, "floor_ms": floor_ms}
-        info["x_floor"] = 1e3 * benchmark.stats.stats.median / floor_ms
-    benchmark.extra_info.update(info)
+        row |= {"copy_bandwidth_GBps": copy_bandwidth / 1e9, "floor_ms": floor_ms}
+        row["x_floor"] = t.device_ms / floor_ms
+    record_row(row)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,27 @@
-"""pytest-benchmark suite: the AEPO policy loss from hidden states x lm_head weight, with peers.
+"""Hidden-state benchmark suite (pytest runs it): the AEPO policy loss from hidden states x
+lm_head weight, with peers.
 
-One op, ``loss``: forward + backward of the policy loss to d hidden and d weight. Impls:
-``naive`` (matmul + log_softmax + gather + softmax entropy + loss, autograd), ``matmul+fused``
-(the matmul, then our logits kernels with the gradient written into the logits), ``aepo-linear``
-(``fused_linear_policy_loss``: logits never materialised; torch backend on CPU, triton on CUDA),
-``aepo-linear-2pass`` (the same with the entropy-aware advantage's statistics taken inside the
-loss, which forces the recompute path; CPU only: on CUDA it is the path ``aepo-linear`` takes)
-and ``liger`` (Liger-Kernel's chunked ``LigerFusedLinearGRPOLoss``: the clipped GRPO loss
-without the entropy bonus, the entropy-aware advantage or the dual clip, so it computes less;
-chunks of one sequence). Every other AEPO variant gets precomputed mini-batch entropy
-statistics, as ``aepo train`` passes them (their values do not change the cost).
-``extra_info``: FLOPs counted as 8 N H V (forward matmul, and the backward's recompute, dX and
-dW), the achieved rate, and the peak extra memory of the timed round above its inputs
-**excluding** the d hidden and d weight outputs (measured in a fresh process per variant on CPU).
+One op, ``loss``: forward + backward of the policy loss to d hidden and d weight. Impls, in the
+order they run (ours first): ``aepo-linear`` (``fused_linear_policy_loss``: logits never
+materialised; torch backend on CPU, triton on CUDA), ``aepo-linear-2pass`` (the same with the
+entropy-aware advantage's statistics taken inside the loss, which forces the recompute path;
+CPU only: on CUDA it is the path ``aepo-linear`` takes), ``matmul+fused`` (the matmul, then our
+logits kernels with the gradient written into the logits), ``naive`` (matmul + log_softmax +
+gather + softmax entropy + loss, autograd), ``trl-chunked`` (TRL 1.16's
+``ChunkedLogProbFunction``: logp and entropy on chunked GEMMs of 4096 tokens x 32768 vocabulary
+entries, as TRL's trainer calls it, recomputed in the backward; the AEPO loss in eager torch on
+its outputs) and ``liger`` (Liger-Kernel's chunked ``LigerFusedLinearGRPOLoss``: the clipped
+GRPO loss without the entropy bonus, the entropy-aware advantage or the dual clip, so it
+computes less; chunks of one sequence). Every other AEPO variant gets precomputed mini-batch
+entropy statistics, as ``aepo train`` passes them (their values do not change the cost).
 
-    pytest benchmarks/bench_linear.py --benchmark-json out.json             # CPU defaults
+Each row (``--rows``, JSON lines, written as measured): device and host time
+(``timing.measure``), FLOPs counted as 8 N H V for every variant (forward matmul, and the
+backward's recompute, dX and dW), the rate on that count, and the peak extra memory of one warm
+round above its inputs **excluding** the d hidden and d weight outputs (measured in a fresh
+process per variant on CPU).
+
+    pytest benchmarks/bench_linear.py --rows out.jsonl                       # CPU defaults
     pytest benchmarks/bench_linear.py --device cuda --n 16384 --hidden 5120 --vocab 151936
 """
 
@@ -38,9 +45,12 @@ from aepo.kernels import (
 from aepo.objectives import policy_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers
+import timing
 from bench_kernels import DTYPES, _rss_kib, device_name
 
-IMPLS = ("naive", "matmul+fused", "aepo-linear", "aepo-linear-2pass", "liger")
+IMPLS = ("aepo-linear", "aepo-linear-2pass", "matmul+fused", "naive", "trl-chunked", "liger")
+TRL_CHUNK = 32768  # the vocabulary chunk TRL's trainer passes (_CHUNKED_LOGPROB_CHUNK_SIZE)
 ENTROPY_STATS = (torch.tensor(3.0), torch.tensor(1.0))  # (mean, std) of the mini-batch
 LOSS_KW = {"objective": "aepo", "entropy_coef": 0.01}
 COMPUTES = {
@@ -50,6 +60,8 @@ COMPUTES = {
     "6NHV; CUDA: recomputed in the backward)",
     "aepo-linear-2pass": "the same, entropy statistics inside the loss: recomputed in the "
     "backward (8NHV)",
+    "trl-chunked": "logp + entropy on chunked GEMMs, recomputed in the backward (8NHV); "
+    "the AEPO loss in eager torch on its outputs",
     "liger": "clipped GRPO loss only (no entropy, no entropy-aware advantage, no dual clip)",
 }
 
@@ -98,6 +110,12 @@ def loss(impl: str, x: torch.Tensor, w: torch.Tensor, case: Case) -> torch.Tenso
         return policy_loss(logp, *args[1:], entropy=ent, **kw)[0]
     if impl == "matmul+fused":
         return fused_policy_loss(x @ w.T, *args, backend=backend, inplace_grad=True, **kw)[0]
+    if impl == "trl-chunked":
+        fn = peers.trl_kernel("chunked_logprob").ChunkedLogProbFunction.apply
+        h = x.reshape(-1, x.shape[-1])
+        out = fn(h, w, None, case.labels.reshape(-1), 1.0, TRL_CHUNK, None, 1.0, ("entropy",))
+        logp, ent = (t.view(case.labels.shape) for t in out[:2])
+        return policy_loss(logp, *args[1:], entropy=ent, **kw)[0]
     if impl == "liger":
         old = case.old_logp
         out = _liger()(x, w, case.labels, case.mask, case.seq_adv, old_per_token_logps=old)
@@ -105,28 +123,20 @@ def loss(impl: str, x: torch.Tensor, w: torch.Tensor, case: Case) -> torch.Tenso
     return fused_linear_policy_loss(x, w, *args, backend=backend, **kw)[0]
 
 
-def rounds(impl: str, case: Case, sync):
+def rounds(impl: str, case: Case):
+    """(setup, run) of one round, for ``timing.measure``."""
+
     def setup():
-        x = case.hidden.detach().requires_grad_()
-        w = case.weight.detach().requires_grad_()
-        return (x, w), {}
+        return case.hidden.detach().requires_grad_(), case.weight.detach().requires_grad_()
 
-    def run(x, w):
-        grads = torch.autograd.grad(loss(impl, x, w, case), (x, w))
-        sync()
-        return grads
-
-    return setup, run
+    return setup, lambda x, w: torch.autograd.grad(loss(impl, x, w, case), (x, w))
 
 
 def skip_reason(impl: str, device: str) -> str | None:
     if impl == "aepo-linear-2pass" and device == "cuda":
         return "on CUDA aepo-linear already runs the recompute path"
-    if impl == "liger":
-        try:
-            import liger_kernel.chunked_loss  # noqa: F401
-        except ImportError:
-            return "Liger-Kernel is not importable here"
+    if impl in ("trl-chunked", "liger"):
+        return peers.missing(impl)
     return None
 
 
@@ -137,13 +147,15 @@ def _output_bytes(case: Case) -> int:
 
 
 def peak_extra_bytes(impl: str, case: Case) -> int:
-    """CUDA: peak of one round above its inputs, minus the d hidden and d weight outputs."""
-    setup, run = rounds(impl, case, torch.cuda.synchronize)
-    args, _ = setup()
+    """CUDA: peak of one (warm) round above its inputs, minus the d hidden and d weight
+    outputs."""
+    setup, run = rounds(impl, case)
+    args = setup()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     run(*args)
+    torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - base - _output_bytes(case)
 
 
@@ -155,16 +167,21 @@ def cpu_peak(impl: str, n: int, h: int, vocab: int, dtype: str) -> int:
 
 def _cpu_peak_child(impl: str, n: int, h: int, vocab: int, dtype: str) -> None:
     small = make_case(4, 8, 64, DTYPES[dtype], "cpu")
-    setup, run = rounds(impl, small, lambda: None)
-    run(*setup()[0])
+    setup, run = rounds(impl, small)
+    run(*setup())
     case = make_case(n, h, vocab, DTYPES[dtype], "cpu")
-    setup, run = rounds(impl, case, lambda: None)
-    args, _ = setup()
+    setup, run = rounds(impl, case)
+    args = setup()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     base = _rss_kib("VmRSS")
     run(*args)
     peak = (_rss_kib("VmHWM") - base) * 1024 - _output_bytes(case)
     print(json.dumps({"peak_extra_bytes": peak}))
+
+
+@functools.lru_cache(maxsize=1)  # one case alive at a time
+def _case(n: int, h: int, vocab: int, dtype: str, device: str) -> Case:
+    return make_case(n, h, vocab, DTYPES[dtype], device)
 
 
 @pytest.fixture(scope="session")
@@ -174,22 +191,23 @@ def hidden_size(request) -> int:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_linear_loss(benchmark, bench_cfg, hidden_size, vocab, impl):
+def test_linear_loss(bench_cfg, hidden_size, record_row, vocab, impl):
     reason = skip_reason(impl, bench_cfg.device)
     if reason:
         pytest.skip(reason)
     cfg, h = bench_cfg, hidden_size
-    case = make_case(cfg.n, h, vocab, DTYPES[cfg.dtype], cfg.device)
-    cuda = cfg.device == "cuda"
-    peak = peak_extra_bytes(impl, case) if cuda else cpu_peak(impl, cfg.n, h, vocab, cfg.dtype)
-    setup, run = rounds(impl, case, torch.cuda.synchronize if cuda else (lambda: None))
-    benchmark.pedantic(run, setup=setup, rounds=cfg.rounds, warmup_rounds=1)
+    case = _case(cfg.n, h, vocab, cfg.dtype, cfg.device)
+    t = timing.measure(*rounds(impl, case), cfg.device, cfg.rounds, warmup=1)
+    if cfg.device == "cuda":  # after the warm-up
+        peak = peak_extra_bytes(impl, case)
+    else:
+        peak = cpu_peak(impl, cfg.n, h, vocab, cfg.dtype)
     flops = 8 * cfg.n * h * vocab
-    info = {"impl": impl, "op": "loss", "computes": COMPUTES[impl], "n": cfg.n, "hidden": h}
-    info |= {"vocab": vocab, "dtype": cfg.dtype, "device": cfg.device, "flops": flops}
-    info |= {"peak_extra_bytes": peak, "device_name": device_name(cfg.device)}
-    info["tflops"] = flops / benchmark.stats.stats.median / 1e12
-    benchmark.extra_info.update(info)
+    row = {"suite": "linear", "impl": impl, "op": "loss", "computes": COMPUTES[impl]}
+    row |= {"n": cfg.n, "hidden": h, "vocab": vocab, "dtype": cfg.dtype, "device": cfg.device}
+    row |= {"flops": flops, "peak_extra_bytes": peak, "device_name": device_name(cfg.device)}
+    row |= {**t.as_dict(), "tflops": flops / t.device_ms / 1e9}
+    record_row(row)
 
 
 if __name__ == "__main__":

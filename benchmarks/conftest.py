@@ -1,15 +1,22 @@
-"""Options of the pytest-benchmark kernel suites (``pytest benchmarks/bench_kernels.py ...``).
+"""Options of the kernel benchmark suites (``pytest benchmarks/bench_kernels.py ...``).
 
 Defaults follow the device: CPU N=8192, V=32000, fp32 (``make bench``); CUDA N=16384,
-V=151936 and 32000, bf16 (``make gpu-check``).
+V=151936 and 32000, bf16 (``make gpu-check``). Each measured row goes to ``--rows`` (JSON
+lines, on disk as soon as it is measured) and into the terminal summary.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rows
 
 DTYPE_NAMES = ("fp32", "bf16", "fp16")  # bench_kernels.DTYPES maps them to torch dtypes
 
@@ -31,6 +38,7 @@ def pytest_addoption(parser):
     group.addoption("--dtype", choices=DTYPE_NAMES, default=None, help="cpu fp32, cuda bf16")
     group.addoption("--hidden", type=int, default=None, help="bench_linear H (cpu 1024, cuda 5120)")
     group.addoption("--rounds", type=int, default=None, help="timed rounds (cpu 3, cuda 10)")
+    group.addoption("--rows", type=Path, default=None, help="append each row to this JSONL file")
 
 
 @pytest.fixture(scope="session")
@@ -53,3 +61,29 @@ def pytest_generate_tests(metafunc):
         default = [151936, 32000] if opt("--device") == "cuda" else [32000]
         vocabs = opt("--vocab") or default
         metafunc.parametrize("vocab", vocabs, ids=[f"V{v}" for v in vocabs])
+
+
+_MEASURED: list[dict] = []
+
+
+@pytest.fixture
+def record_row(request):
+    """``record_row(row)``: append a measured row to ``--rows`` at once (and the summary)."""
+    path = request.config.getoption("--rows")
+
+    def record(row: dict) -> None:
+        row = {"test": request.node.nodeid, **row}
+        if path is not None:
+            rows.append(path, row)
+        _MEASURED.append(row)
+
+    return record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _MEASURED:
+        return
+    terminalreporter.section("benchmark rows")
+    for row in _MEASURED:
+        keys = ("impl", "op", "vocab", "device_ms", "host_ms", "x_floor", "tflops")
+        terminalreporter.write_line(json.dumps({k: row[k] for k in keys if k in row}))

@@ -1,47 +1,62 @@
-"""Validate aepo on a CUDA GPU in one command: ``make gpu-check [PYTHON=...] [OUT=...]``.
+"""Validate aepo on a CUDA GPU in one command, inside a short lease.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT     # no make needed
+    make gpu-check [PYTHON=...] [OUT=...]                             # the same through make
 
 Offline, with the Python that is already there: installs nothing, imports the project from the
-checkout (PYTHONPATH), and skips peers that are not importable (saying so). Stages, each in its
-own subprocess under a share of the time budget, each written to the report before the next:
+checkout (PYTHONPATH), and skips peers that are not importable (saying so). Stages, each under
+a share of the time budget (time a stage or command leaves unused passes on):
 
   tests   the CUDA-only tests (pytest -m cuda)
-  bench   the kernel benchmark suites (pytest-benchmark) at N=16384, bf16: the logits kernels
-          (bench_kernels.py, V=151936 and 32000: fwd / bwd / fused loss against naive eager,
-          torch.compile and Liger-Kernel, with the bandwidth floor) and the hidden-state path
-          (bench_linear.py, H=5120, V=151936: TFLOP/s and memory against matmul + logits and
-          Liger's chunked loss)
-  sweep   launch configurations, best against the shipped default: (BLOCK_V, num_warps) of the
-          logits kernels, tiles / warps / stages of the hidden-state kernels (N=4096)
-  memory  peak extra memory of every benchmarked variant (from the bench stage)
+  bench   the kernel benchmark suites at N=16384, bf16, one command each with its own share,
+          so that a slow V=151936 run cannot starve the others: the logits kernels
+          (bench_kernels.py, V=151936 and 32000: fwd / bwd / fused loss, ours first, then
+          naive eager, TRL's and Liger-Kernel's Triton kernels, ``torch.compile`` last, with the
+          bandwidth floor) and the hidden-state path (bench_linear.py, H=5120, V=151936,
+          against matmul + logits, TRL's ChunkedLogProbFunction and Liger's chunked loss)
+  sweep   launch configurations that compile without spills, best against the shipped
+          default: (BLOCK_V, num_warps) of the logits kernels, tiles / warps / stages of the
+          hidden-state kernels (N=4096)
+  memory  peak extra memory of every benchmarked variant (read from the bench rows)
 
-Results: OUT/gpu_<device>_<date>.{md,json} (device, driver, torch, Triton), plus each stage's
-raw output beside them. ``--dry-run`` lists the stages and their commands without a GPU.
+Nothing is lost when the run is killed: every command's output streams, unbuffered, to the
+terminal and to OUT/<stem>_log.txt; every benchmark row and sweep configuration is appended to
+OUT/<stem>_rows.jsonl / _sweep.jsonl the moment it is measured; OUT/<stem>.{md,json} (device,
+driver, torch, Triton, every finished command) is rewritten after each command. At most six
+files: <stem> = gpu_<device>_<date>. The default budget (360 s) keeps the run under 7 minutes.
 
-    python benchmarks/gpu_check.py [--out DIR] [--stages tests bench] [--budget 330] [--dry-run]
+``--dry-run`` lists the stages and their commands; ``--rehearse`` runs the same machinery on the
+CPU at a tiny size (no sweep: it times compiled kernels), to see what a killed run leaves.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
-import importlib.util
 import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import rows as rows_io  # noqa: E402
+
 STAGES = ("tests", "bench", "sweep", "memory")
-# Relative share of the time left that each stage may use (time a stage leaves unused passes to
-# the next ones); memory only reads the bench stage's output.
-SHARES = {"tests": 0.2, "bench": 0.64, "sweep": 0.16, "memory": 0.0}
-PEERS = ("liger_kernel", "vllm", "deepspeed", "flash_attn", "transformers")
+# Relative share of the time left that each stage may use; memory only reads the bench rows.
+SHARES = {"tests": 0.15, "bench": 0.65, "sweep": 0.2, "memory": 0.0}
+PEERS = ("trl-triton", "trl-chunked", "liger")
+FILES = ("_log.txt", "_tests.xml", "_rows.jsonl", "_sweep.jsonl", ".md", ".json")
+KILL_GRACE_S = 5.0
 
 
 @dataclass
@@ -55,6 +70,8 @@ class Context:
     dtype: str
     hidden: int = 5120  # H of the hidden-state benchmark
     peers: Path | None = None
+    device: str = "cuda"  # "cpu" only to rehearse
+    rounds: int | None = None
     start: float = field(default_factory=time.monotonic)
 
     def path(self, suffix: str) -> Path:
@@ -65,68 +82,119 @@ class Context:
         old = os.environ.get("PYTHONPATH")
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
+        env["PYTHONUNBUFFERED"] = "1"
         return env
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
 
 
-def stage_commands(name: str, ctx: Context) -> list[list[str]]:
-    """The subprocess commands of a stage (empty for stages computed in this process)."""
-    pytest = [ctx.python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    shape = ["--n", str(ctx.n), "--dtype", ctx.dtype]
+def stage_commands(name: str, ctx: Context) -> list[tuple[list[str], float]]:
+    """The stage's subprocess commands, each with its weight in the stage's time."""
+    pytest = [ctx.python, "-m", "pytest", "-p", "no:cacheprovider"]
+    shape = ["--device", ctx.device, "--n", str(ctx.n), "--dtype", ctx.dtype]
+    shape += ["--rounds", str(ctx.rounds)] if ctx.rounds else []
     if name == "tests":
-        return [[*pytest, "-m", "cuda", "tests", f"--junitxml={ctx.path('_tests.xml')}"]]
-    if name == "bench":  # one run per vocabulary: each JSON lands before the next run starts
-        bench = [*pytest, "benchmarks/bench_kernels.py", "--device", "cuda", *shape]
-        cmds = [
-            [*bench, "--vocab", str(v), f"--benchmark-json={ctx.path(f'_bench_V{v}.json')}"]
-            for v in ctx.vocabs
-        ]
-        linear = [*pytest, "benchmarks/bench_linear.py", "--device", "cuda", *shape]
-        linear += ["--hidden", str(ctx.hidden), "--vocab", str(ctx.vocabs[0])]
-        return [*cmds, [*linear, f"--benchmark-json={ctx.path('_bench_linear.json')}"]]
-    if name == "sweep":
+        return [([*pytest, "-q", "-m", "cuda", "tests", f"--junitxml={ctx.path('_tests.xml')}"], 1)]
+    if name == "bench":  # ours first in every suite; the first vocabulary is the largest
+        bench = [*pytest, "-v", "-s", *shape, f"--rows={ctx.path('_rows.jsonl')}"]
+        cmds = [([*bench, "benchmarks/bench_kernels.py", "--vocab", str(v)], 1) for v in ctx.vocabs]
+        linear = [*bench, "benchmarks/bench_linear.py", "--hidden", str(ctx.hidden)]
+        return [*cmds, ([*linear, "--vocab", str(ctx.vocabs[0])], len(ctx.vocabs) / 2)]
+    if name == "sweep" and ctx.device == "cuda":
         sweep = [ctx.python, "benchmarks/sweep_kernels.py", "--dtype", ctx.dtype]
+        sweep += ["--rows", str(ctx.path("_sweep.jsonl"))]
         logits = [*sweep, "--kernel", "logits", "--n", str(ctx.n), "--vocab", str(ctx.vocabs[0])]
         linear = [*sweep, "--kernel", "linear", "--n", str(min(ctx.n, 4096))]
         linear += ["--hidden", str(ctx.hidden), "--vocab", str(ctx.vocabs[0])]
-        return [
-            [*logits, "--json", str(ctx.path("_sweep.json"))],
-            [*linear, "--json", str(ctx.path("_sweep_linear.json"))],
-        ]
+        return [(logits, 1), (linear, 1)]
     return []
+
+
+def share(left: float, weight: float, pending: list[float]) -> float:
+    """Seconds for one item: its weight's share of the time ``left`` among the ``pending``
+    weights (its own included)."""
+    total = sum(pending)
+    return max(0.0, left * weight / total) if total else 0.0
 
 
 def stage_limit(name: str, ctx: Context, pending: list[str]) -> float:
     """Seconds for stage ``name``: its share of the time left among the ``pending`` stages."""
-    total = sum(SHARES[p] for p in pending)
-    return max(0.0, ctx.left() * SHARES[name] / total) if total else 0.0
+    return share(ctx.left(), SHARES[name], [SHARES[p] for p in pending])
 
 
-def run_stage(name: str, ctx: Context, limit: float) -> dict:
-    """Run a stage's commands within ``limit`` seconds; never raises."""
-    start, result = time.monotonic(), {"status": "ok", "runs": []}
-    for cmd in stage_commands(name, ctx):
-        remaining = limit - (time.monotonic() - start)
-        if remaining <= 5:
-            result["status"] = "out of time"
-            break
+def _pump(stream, log, tail: collections.deque) -> None:
+    for line in stream:
+        log.write(line)
+        log.flush()
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(line)
+
+
+def run_command(cmd: list[str], ctx: Context, limit: float) -> dict:
+    """Run ``cmd`` for at most ``limit`` s, its output streamed to the log and the terminal;
+    on time-out its whole process group is stopped (SIGTERM, then SIGKILL)."""
+    start, tail = time.monotonic(), collections.deque(maxlen=60)
+    with ctx.path("_log.txt").open("a") as log:
+        log.write(f"\n$ {' '.join(cmd)}   (limit {limit:.0f} s)\n")
+        log.flush()
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=ctx.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1, start_new_session=True,
+        )  # fmt: skip
+        pump = threading.Thread(target=_pump, args=(proc.stdout, log, tail), daemon=True)
+        pump.start()
         try:
-            proc = subprocess.run(
-                cmd, cwd=ROOT, env=ctx.env(), capture_output=True, text=True, timeout=remaining
-            )
-            run = {"cmd": " ".join(cmd), "rc": proc.returncode, "tail": proc.stdout[-3000:]}
-            run["stderr_tail"] = proc.stderr[-2000:]
-        except subprocess.TimeoutExpired as exc:
-            run = {"cmd": " ".join(cmd), "rc": None, "tail": str(exc.stdout or "")[-3000:]}
-            result["status"] = "timeout"
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            rc = None
+            _stop(proc)
+        pump.join(timeout=KILL_GRACE_S)
+        if rc is None:  # on a line of its own, even when the child was cut off mid-line
+            note = f"\n[gpu-check: stopped after its {limit:.0f} s share]\n"
+            log.write(note)
+            sys.stdout.write(note)
+    run = {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.monotonic() - start, 1)}
+    return run | {"timed_out": rc is None, "tail": "".join(tail)[-3000:]}
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=KILL_GRACE_S)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_stage(name: str, ctx: Context, limit: float, report) -> dict:
+    """Run a stage's commands, each within its share of ``limit``; ``report(result)`` after
+    every command. Never raises."""
+    start, result = time.monotonic(), {"status": "ok", "runs": []}
+    cmds = stage_commands(name, ctx)
+    if name == "sweep" and not cmds:
+        result["status"] = "skipped (times compiled kernels: CUDA only)"
+    for i, (cmd, weight) in enumerate(cmds):
+        left = limit - (time.monotonic() - start)
+        seconds = share(left, weight, [w for _, w in cmds[i:]])
+        if seconds <= 5:
+            result["status"] = "out of time"
+            result["runs"].append({"cmd": " ".join(cmd), "rc": None, "skipped": True})
+            continue
+        run = run_command(cmd, ctx, seconds)
         result["runs"].append(run)
-        if run["rc"] not in (0, None) and result["status"] == "ok":
-            result["status"] = f"failed (rc {run['rc']})"
+        ok = run["rc"] == 0 or (name == "tests" and run["rc"] == 5)  # 5: no test collected
+        if not ok and result["status"] == "ok":
+            result["status"] = "timeout" if run["timed_out"] else f"failed (rc {run['rc']})"
+        result["seconds"] = round(time.monotonic() - start, 1)
+        report(result | SUMMARIES[name](ctx))
     result["seconds"] = round(time.monotonic() - start, 1)
-    result.update(SUMMARIES[name](ctx))
-    return result
+    return result | SUMMARIES[name](ctx)
 
 
 def summarize_tests(ctx: Context) -> dict:
@@ -145,23 +213,18 @@ def summarize_tests(ctx: Context) -> dict:
 
 
 def summarize_bench(ctx: Context) -> dict:
-    found = [ctx.path(f"_bench_V{v}.json") for v in ctx.vocabs] + [ctx.path("_bench_linear.json")]
-    return {"json": [str(p) for p in found if p.exists()]}
+    return {"rows": len(rows_io.read(ctx.path("_rows.jsonl")))}
 
 
 def summarize_sweep(ctx: Context) -> dict:
-    paths = [ctx.path("_sweep.json"), ctx.path("_sweep_linear.json")]
-    return {"sweep": [json.loads(p.read_text()) for p in paths if p.exists()]}
+    import sweep_kernels
+
+    return {"sweep": sweep_kernels.results_from_rows(rows_io.read(ctx.path("_sweep.jsonl")))}
 
 
 def summarize_memory(ctx: Context) -> dict:
-    rows = []
-    for path in summarize_bench(ctx)["json"]:
-        for bench in json.loads(Path(path).read_text())["benchmarks"]:
-            info = bench["extra_info"]
-            keys = ("vocab", "impl", "op", "peak_extra_bytes")
-            rows.append({k: info[k] for k in keys})
-    return {"memory": rows}
+    keys = ("suite", "vocab", "impl", "op", "peak_extra_bytes")
+    return {"memory": [{k: r[k] for k in keys} for r in rows_io.read(ctx.path("_rows.jsonl"))]}
 
 
 SUMMARIES = {
@@ -171,19 +234,34 @@ SUMMARIES = {
     "memory": summarize_memory,
 }
 
+_PROBE = """
+import json, sys, torch, triton
+sys.path.insert(0, "benchmarks")
+import peers
+device, cpu_name, names = sys.argv[1], sys.argv[2], sys.argv[3:]
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    dev = {"device": p.name, "sms": p.multi_processor_count,
+           "memory_GiB": round(p.total_memory / 2**30, 1),
+           "capability": f"{p.major}.{p.minor}"}
+elif device == "cpu":
+    dev = {"device": f"cpu rehearsal ({cpu_name})"}
+else:
+    raise SystemExit("torch sees no CUDA GPU")
+dev |= {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
+dev["peers"] = {name: peers.missing(name) for name in names}
+print(json.dumps(dev))
+"""
 
-def environment(python: str) -> dict:
-    """Device, driver and versions, read by the Python under test."""
-    probe = (
-        "import json, torch, triton; p = torch.cuda.get_device_properties(0); "
-        "print(json.dumps({'device': p.name, 'sms': p.multi_processor_count, "
-        "'memory_GiB': round(p.total_memory / 2**30, 1), 'capability': '%d.%d' % "
-        "(p.major, p.minor), 'torch': torch.__version__, 'cuda': torch.version.cuda, "
-        "'triton': triton.__version__}))"
+
+def environment(ctx: Context) -> dict:
+    """Device, driver, versions and peers (None: importable, else why not), read by the
+    Python under test with the stages' environment."""
+    cmd = [ctx.python, "-c", _PROBE, ctx.device, platform.machine(), *PEERS]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=ctx.env(), capture_output=True, text=True, check=True, timeout=180
     )
-    env = json.loads(
-        subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True).stdout
-    )
+    env = json.loads(proc.stdout.strip().splitlines()[-1])
     try:
         query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
         env["driver"] = subprocess.run(query, capture_output=True, text=True).stdout.strip()
@@ -191,7 +269,6 @@ def environment(python: str) -> dict:
         env["driver"] = "unknown (no nvidia-smi)"
     env["python"] = platform.python_version()
     env["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    env["peers"] = {p: importlib.util.find_spec(p) is not None for p in PEERS}
     return env
 
 
@@ -199,110 +276,121 @@ def slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
-def render_report(env: dict, stages: dict) -> str:
-    """The markdown report of whatever stages have finished."""
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
+def _render_stage(name: str, res: dict, ctx: Context) -> list[str]:
     import render_bench
     import sweep_kernels
 
-    missing = [p for p, ok in env["peers"].items() if not ok]
+    lines = [f"## {name}: {res['status']} ({res.get('seconds', 0)} s)", ""]
+    if name == "tests" and "counts" in res:
+        c = res["counts"]
+        lines.append(
+            f"{c['tests']} tests: {c['failures']} failed, {c['errors']} errors, "
+            f"{c['skipped']} skipped"
+        )
+        lines += [f"- FAILED {f}" for f in res["failed"]]
+    if name == "bench":
+        lines += render_bench.render_tables(rows_io.read(ctx.path("_rows.jsonl")))
+    for result in res.get("sweep", []):
+        lines += [*sweep_kernels.render(result), ""]
+    if name == "memory":
+        lines += ["| suite | V | impl | op | peak extra MiB |", "|---|---:|---|---|---:|"]
+        lines += [
+            f"| {r['suite']} | {r['vocab']} | {r['impl']} | {r['op']} | "
+            f"{r['peak_extra_bytes'] / 2**20:.0f} |"
+            for r in res.get("memory", [])
+        ]
+    for run in res["runs"]:
+        if run.get("skipped"):
+            lines += ["", f"`{run['cmd']}`: not started (no time left)"]
+        elif run["rc"] != 0:
+            why = "timed out" if run["timed_out"] else f"rc {run['rc']}"
+            lines += ["", f"`{run['cmd']}` ({why} after {run['seconds']} s):", "```"]
+            lines += [run["tail"][-1500:], "```"]
+    return [*lines, ""]
+
+
+def render_report(env: dict, stages: dict, ctx: Context) -> str:
+    """The markdown report of whatever has finished."""
+    missing = [f"{p} ({why})" for p, why in env["peers"].items() if why]
     lines = [
         f"# GPU check: {env['device']}",
         "",
         f"{env['date']}; driver {env['driver']}, CUDA {env.get('cuda')}, torch {env['torch']}, "
         f"Triton {env['triton']}, Python {env['python']}; {env.get('sms')} SMs, "
         f"{env.get('memory_GiB')} GiB. Not importable here (skipped): "
-        f"{', '.join(missing) or 'none'}.",
+        f"{'; '.join(missing) or 'none'}.",
         "",
     ]
     for name, res in stages.items():
-        lines += [f"## {name}: {res['status']} ({res['seconds']} s)", ""]
-        if name == "tests" and "counts" in res:
-            c = res["counts"]
-            lines.append(
-                f"{c['tests']} tests: {c['failures']} failed, {c['errors']} errors, "
-                f"{c['skipped']} skipped"
-            )
-            lines += [f"- FAILED {f}" for f in res["failed"]]
-        if name == "bench":
-            for path in res["json"]:
-                report = json.loads(Path(path).read_text())
-                for vocab, rows in render_bench.collect(report).items():
-                    lines += render_bench.render_vocab(vocab, rows)
-        for result in res.get("sweep", []) if name == "sweep" else []:
-            lines += [*sweep_kernels.render(result), ""]
-        if name == "memory":
-            lines += ["| V | impl | op | peak extra MiB |", "|---:|---|---|---:|"]
-            lines += [
-                f"| {r['vocab']} | {r['impl']} | {r['op']} | {r['peak_extra_bytes'] / 2**20:.0f} |"
-                for r in res.get("memory", [])
-            ]
-        for run in res["runs"]:
-            if run["rc"] != 0:
-                lines += ["", f"`{run['cmd']}` (rc {run['rc']}):", "```", run["tail"][-1500:]]
-                lines += [run.get("stderr_tail", "")[-1500:], "```"]
-        lines.append("")
+        lines += _render_stage(name, res, ctx)
     return "\n".join(lines) + "\n"
 
 
 def write_report(ctx: Context, env: dict, stages: dict) -> None:
     ctx.out.mkdir(parents=True, exist_ok=True)
     ctx.path(".json").write_text(json.dumps({"env": env, "stages": stages}, indent=1))
-    ctx.path(".md").write_text(render_report(env, stages))
+    ctx.path(".md").write_text(render_report(env, stages, ctx))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
-    p.add_argument("--budget", type=float, default=345.0, help="seconds for all stages")
-    p.add_argument("--n", type=int, default=16384)
-    p.add_argument("--vocab", type=int, nargs="+", default=[151936, 32000])
-    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
-    p.add_argument("--hidden", type=int, default=5120, help="H of the hidden-state benchmark")
+    p.add_argument("--budget", type=float, default=360.0, help="seconds for all stages")
+    p.add_argument("--n", type=int, default=None, help="tokens (default 16384; rehearse 256)")
+    p.add_argument("--vocab", type=int, nargs="+", default=None, help="default 151936 32000")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None)
+    p.add_argument("--hidden", type=int, default=None, help="H of the hidden-state benchmark")
     p.add_argument("--peers", type=Path, help="folder of unpacked pure-Python peer wheels")
     p.add_argument("--python", default=sys.executable, help="interpreter for the stages")
     p.add_argument("--dry-run", action="store_true", help="list the stages and exit")
+    p.add_argument("--rehearse", action="store_true", help="run on the CPU at a tiny size")
     args = p.parse_args(argv)
-    if args.budget <= 0 or args.n <= 0 or min(args.vocab) <= 0:
-        p.error("--budget, --n and --vocab must be positive")
+    small = args.rehearse
+    args.n = args.n or (256 if small else 16384)
+    args.vocab = args.vocab or ([4096, 2048] if small else [151936, 32000])
+    args.dtype = args.dtype or ("fp32" if small else "bf16")
+    args.hidden = args.hidden or (64 if small else 5120)
+    if args.budget <= 0 or args.n <= 0 or min(args.vocab) <= 0 or args.hidden <= 0:
+        p.error("--budget, --n, --vocab and --hidden must be positive")
     return args
 
 
+def _dry_run(args, ctx: Context) -> int:
+    for name in args.stages:
+        cmds = stage_commands(name, ctx) or [(["(reads the bench rows)"], 1)]
+        seconds = args.budget * SHARES[name] / sum(SHARES[s] for s in args.stages)
+        print(f"{name}: about {seconds:.0f} s, plus what earlier stages leave unused")
+        for cmd, weight in cmds:
+            print(f"    [{share(seconds, weight, [w for _, w in cmds]):.0f} s]", " ".join(cmd))
+    print(f"files: {', '.join(ctx.path(s).name for s in FILES)} in {ctx.out}")
+    return 0
+
+
 def main(argv=None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)
     args = parse_args(argv)
     date = datetime.date.today().isoformat()
     ctx = Context(
-        args.out,
-        f"gpu_<device>_{date}",
-        args.python,
-        args.budget,
-        args.n,
-        tuple(args.vocab),
-        args.dtype,
-        args.hidden,
-        args.peers,
-    )
+        args.out, f"gpu_<device>_{date}", args.python, args.budget, args.n, tuple(args.vocab),
+        args.dtype, args.hidden, args.peers, "cpu" if args.rehearse else "cuda",
+        1 if args.rehearse else None,
+    )  # fmt: skip
     if args.dry_run:
-        for name in args.stages:
-            cmds = stage_commands(name, ctx) or [["(reads the bench stage's JSON)"]]
-            share = args.budget * SHARES[name] / sum(SHARES[s] for s in args.stages)
-            print(f"{name}: about {share:.0f} s, plus what earlier stages leave unused")
-            for cmd in cmds:
-                print("   ", " ".join(cmd))
-        print(f"report: {ctx.path('.md')} and .json")
-        return 0
+        return _dry_run(args, ctx)
     try:
-        env = environment(args.python)
+        env = environment(ctx)
     except subprocess.CalledProcessError as exc:
         print(f"gpu-check: no usable CUDA GPU from {args.python}:\n{exc.stderr}", file=sys.stderr)
         return 3
     ctx.stem = f"gpu_{slug(env['device'])}_{date}"
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    print(f"gpu-check: {env['device']}, torch {env['torch']}, Triton {env['triton']}")
     stages: dict = {}
     for i, name in enumerate(args.stages):
-        print(f"gpu-check: {name} ...", flush=True)
-        stages[name] = run_stage(name, ctx, stage_limit(name, ctx, args.stages[i:]))
+        print(f"gpu-check: {name} ...")
+        report = lambda partial, name=name: write_report(ctx, env, stages | {name: partial})
+        stages[name] = run_stage(name, ctx, stage_limit(name, ctx, args.stages[i:]), report)
         write_report(ctx, env, stages)
         print(f"gpu-check: {name}: {stages[name]['status']} ({stages[name]['seconds']} s)")
     print(ctx.path(".md").read_text())

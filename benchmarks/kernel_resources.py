@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from aepo.kernels._resources import spilled
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -25,7 +27,7 @@ def _cuda_row(r: dict) -> str:
     smem = res["shared_static"] + res["shared_dynamic"]
     return (
         f"| {v['target']} | {r['label']} | {', '.join(r['divisible']) or '-'} | "
-        f"{res['registers']} | {res['local']} | {res['stack']} | {smem} | "
+        f"{res['registers']} | {spilled(res)} | {res['stack']} | {smem} | "
         f"{res['blocks_per_sm']} | {100 * res['occupancy']:.1f}% ({res['occupancy_limiter']}) |"
     )
 
@@ -48,12 +50,13 @@ def render(report: dict) -> str:
         "`python benchmarks/kernel_resources.py`. One row per launch variant the launchers "
         "produce (dtype, constexprs, num_warps; Triton specialises integer arguments that are "
         "multiples of 16, listed in the third column) and target. CUDA: registers per thread, "
-        "local memory (spills, bytes per thread), stack, shared memory per block (static + "
+        "spilled bytes per thread (stack frame + local memory: Triton's spills land in the stack "
+        "frame, cuobjdump's LOCAL stays 0), stack, shared memory per block (static + "
         "dynamic), resident blocks per SM and occupancy with its limiter. ROCm: VGPRs / SGPRs, "
         "spilled registers, scratch and LDS bytes, the compiler's waves per SIMD.",
         "",
         "| target | kernel [dtypes; constexprs; warps] | 16-divisible ints | registers | "
-        "spills / local B | stack B | shared B | blocks/SM | occupancy |",
+        "spills B | stack B | shared B | blocks/SM | occupancy |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     ok = [r for r in report["results"] if r["ok"]]

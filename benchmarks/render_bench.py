@@ -1,26 +1,31 @@
-"""Markdown tables from a pytest-benchmark JSON of ``bench_kernels.py`` (median times).
+"""Markdown tables from benchmark rows (JSON lines of ``bench_kernels.py`` / ``bench_linear.py``).
 
-    python benchmarks/render_bench.py results.json [--out results.md]
+    python benchmarks/render_bench.py rows.jsonl [more.jsonl ...] [--out results.md]
 
-One table per vocabulary: for each implementation the median of fwd / bwd / loss in ms, the
-loss time relative to naive eager, the ratio to the bandwidth floor where measured (CUDA), and
-the peak extra memory of the loss round.
+Logits suite, one table per (device, N, V, dtype): for each implementation the median device
+time of fwd / bwd / loss in ms, the host time to issue the loss, the loss time relative to
+naive eager, the ratio to the bandwidth floor where measured (CUDA) and the peak extra memory
+of the loss round. Hidden-state suite: device ms, host ms, TFLOP/s on 8NHV and peak memory.
+A row that a killed run never wrote is simply absent.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rows as rows_io
 
-def collect(report: dict) -> dict:
-    """{vocab: {impl: {op: extra_info + median_ms}}} from a pytest-benchmark report."""
+
+def collect(rows: list[dict]) -> dict:
+    """{(suite, device_name, n, vocab, dtype, hidden): {impl: {op: row}}}, in row order."""
     table: dict = {}
-    for bench in report["benchmarks"]:
-        info = dict(bench["extra_info"])
-        info["median_ms"] = 1e3 * bench["stats"]["median"]
-        table.setdefault(info["vocab"], {}).setdefault(info["impl"], {})[info["op"]] = info
+    for row in rows:
+        key = (row["suite"], row.get("device_name", "?"), row["n"], row["vocab"], row["dtype"])
+        key += (row.get("hidden"),)
+        table.setdefault(key, {}).setdefault(row["impl"], {})[row["op"]] = row
     return table
 
 
@@ -28,80 +33,82 @@ def _cell(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
-def render_vocab(vocab: int, rows: dict) -> list[str]:
-    any_info = next(iter(next(iter(rows.values())).values()))
-    naive_loss = rows.get("naive", {}).get("loss", {}).get("median_ms")
+def render_kernels(key: tuple, impls: dict) -> list[str]:
+    _, device, n, vocab, dtype, _ = key
+    naive_loss = impls.get("naive", {}).get("loss", {}).get("device_ms")
     lines = [
-        f"## N={any_info['n']} V={vocab} {any_info['dtype']} on {any_info.get('device_name', '?')}",
+        f"## N={n} V={vocab} {dtype} on {device}",
         "",
-        "| impl | fwd ms | bwd ms | loss ms | loss x naive | fwd x floor | bwd x floor | "
-        "loss x floor | peak extra MiB (loss) | computes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| impl | fwd ms | bwd ms | loss ms | loss host ms | loss x naive | fwd x floor | "
+        "bwd x floor | loss x floor | peak extra MiB (loss) | computes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for impl, ops in rows.items():
-        get = lambda op, key, ops=ops: ops.get(op, {}).get(key)
-        loss_ms = get("loss", "median_ms")
+    for impl, ops in impls.items():
+        get = lambda op, k, ops=ops: ops.get(op, {}).get(k)
+        loss_ms = get("loss", "device_ms")
         rel = loss_ms / naive_loss if loss_ms and naive_loss else None
         peak = get("loss", "peak_extra_bytes")
-        computes = next(iter(ops.values()))["computes"]
+        bound = any(r.get("host_bound") for r in ops.values())
         lines.append(
-            f"| {impl} | {_cell(get('fwd', 'median_ms'), '.2f')} | "
-            f"{_cell(get('bwd', 'median_ms'), '.2f')} | {_cell(loss_ms, '.2f')} | "
+            f"| {impl}{' (host-bound)' if bound else ''} | "
+            f"{_cell(get('fwd', 'device_ms'), '.3f')} | {_cell(get('bwd', 'device_ms'), '.3f')} | "
+            f"{_cell(loss_ms, '.3f')} | {_cell(get('loss', 'host_ms'), '.3f')} | "
             f"{_cell(rel, '.2f')} | {_cell(get('fwd', 'x_floor'), '.2f')} | "
             f"{_cell(get('bwd', 'x_floor'), '.2f')} | {_cell(get('loss', 'x_floor'), '.2f')} | "
-            f"{_cell(None if peak is None else peak / 2**20, '.0f')} | {computes} |"
+            f"{_cell(None if peak is None else peak / 2**20, '.0f')} | "
+            f"{next(iter(ops.values()))['computes']} |"
         )
-    bw = any_info.get("copy_bandwidth_GBps")
+    bw = next(iter(next(iter(impls.values())).values())).get("copy_bandwidth_GBps")
     if bw:
         lines += ["", f"Floors from a measured device copy bandwidth of {bw:.0f} GB/s."]
     return [*lines, ""]
 
 
-def render_linear(vocab: int, rows: dict) -> list[str]:
-    """Table of the hidden-state suite (bench_linear.py): loss fwd+bwd only."""
-    info = next(iter(next(iter(rows.values())).values()))
-    naive = rows.get("naive", {}).get("loss", {}).get("median_ms")
+def render_linear(key: tuple, impls: dict) -> list[str]:
+    """Table of the hidden-state suite: policy loss fwd+bwd only."""
+    _, device, n, vocab, dtype, hidden = key
+    naive = impls.get("naive", {}).get("loss", {}).get("device_ms")
     lines = [
-        f"## N={info['n']} H={info['hidden']} V={vocab} {info['dtype']} on "
-        f"{info.get('device_name', '?')}: policy loss fwd+bwd",
+        f"## N={n} H={hidden} V={vocab} {dtype} on {device}: policy loss fwd+bwd",
         "",
-        "| impl | ms | x naive | TFLOP/s (8NHV) | peak extra MiB (w/o dX, dW) | computes |",
-        "|---|---:|---:|---:|---:|---|",
+        "| impl | ms | host ms | x naive | TFLOP/s (8NHV) | peak extra MiB (w/o dX, dW) | "
+        "computes |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
-    for impl, ops in rows.items():
+    for impl, ops in impls.items():
         r = ops["loss"]
-        rel = r["median_ms"] / naive if naive else None
+        rel = r["device_ms"] / naive if naive else None
         lines.append(
-            f"| {impl} | {r['median_ms']:.0f} | {_cell(rel, '.2f')} | {r['tflops']:.3f} | "
-            f"{r['peak_extra_bytes'] / 2**20:.0f} | {r['computes']} |"
+            f"| {impl} | {r['device_ms']:.1f} | {r['host_ms']:.1f} | {_cell(rel, '.2f')} | "
+            f"{r['tflops']:.3f} | {r['peak_extra_bytes'] / 2**20:.0f} | {r['computes']} |"
         )
     return [*lines, ""]
 
 
-def render(report: dict) -> str:
-    machine = report.get("machine_info", {})
-    lines = [
-        "# Kernel benchmark (pytest-benchmark, medians)",
+def render_tables(rows: list[dict]) -> list[str]:
+    lines: list[str] = []
+    for key, impls in collect(rows).items():
+        lines += render_linear(key, impls) if key[0] == "linear" else render_kernels(key, impls)
+    return lines
+
+
+def render(rows: list[dict], title: str = "Kernel benchmark") -> str:
+    head = [
+        f"# {title} (medians; device time from CUDA events on GPU, wall time on CPU)",
         "",
-        f"{report.get('datetime', '')}; host {machine.get('cpu', {}).get('brand_raw', '?')}, "
-        f"Python {machine.get('python_version', '?')}; commit "
-        f"{report.get('commit_info', {}).get('id', '?')[:10]}. Compare two runs with "
-        "`pytest-benchmark compare A.json B.json`.",
+        "Host ms: the time Python takes to issue one call, apart from the device time.",
         "",
     ]
-    for vocab, rows in collect(report).items():
-        first = next(iter(next(iter(rows.values())).values()))
-        lines += render_linear(vocab, rows) if "hidden" in first else render_vocab(vocab, rows)
-    return "\n".join(lines)
+    return "\n".join(head + render_tables(rows))
 
 
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("json", type=Path)
-    p.add_argument("--out", type=Path, help="default: the JSON path with .md")
+    p.add_argument("rows", type=Path, nargs="+")
+    p.add_argument("--out", type=Path, help="default: the first file with .md")
     args = p.parse_args(argv)
-    out = args.out or args.json.with_suffix(".md")
-    out.write_text(render(json.loads(args.json.read_text())))
+    out = args.out or args.rows[0].with_suffix(".md")
+    out.write_text(render([r for path in args.rows for r in rows_io.read(path)]))
     return out
 
 

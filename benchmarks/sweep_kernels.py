@@ -3,12 +3,15 @@
 ``--kernel logits``: (BLOCK_V, num_warps) of the logits kernels, set through
 ``logprob_entropy.GPU_CONFIGS``; ``--kernel linear``: the tiles, warps and stages of the
 hidden-state kernels, set through ``linear_triton.GPU_CONFIG``. Forward and backward are timed
-through the backends' own entry points with ``triton.testing.do_bench`` (CUDA events, median);
-the best configuration is reported next to the shipped default. A configuration that fails to
-compile or launch is recorded with its error.
+through the backends' own entry points with ``timing.measure`` (CUDA events with the queue
+pre-filled, median of 10); the best configuration is reported next to the shipped default. Each
+configuration's row is appended to ``--rows`` (JSON lines) as soon as it is timed, so a run
+killed part-way keeps every finished configuration. A configuration that fails to compile or
+launch is recorded with its error. The grids hold only configurations that compile without
+spills on sm_90 (``tests/bench/test_sweep_resources.py``).
 
-    python benchmarks/sweep_kernels.py --kernel logits --n 16384 --vocab 151936 --json s.json
-    python benchmarks/sweep_kernels.py --kernel linear --n 4096 --hidden 5120 --json l.json
+    python benchmarks/sweep_kernels.py --kernel logits --n 16384 --vocab 151936 --rows s.jsonl
+    python benchmarks/sweep_kernels.py --kernel linear --n 4096 --hidden 5120 --rows s.jsonl
 """
 
 from __future__ import annotations
@@ -21,42 +24,62 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import rows as rows_io
+import timing
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOGITS_GRID = [
     {"BLOCK_V": b, "num_warps": w}
     for b, w in itertools.product((2048, 4096, 8192, 16384), (4, 8, 16))
 ]
+# Only configurations that compile without spills on sm_90 (tests/bench/test_sweep_resources.py):
+# BLOCK_N x BLOCK_V of 128x128 and up, 64x256, or 128x64 on 4 warps spill at the 255-register
+# cap (16 warps: at their 128-register cap).
 LINEAR_GRID = [
     {"BLOCK_N": n, "BLOCK_V": v, "BLOCK_H": h, "num_warps": w, "num_stages": s}
     for n, v, h, w, s in (
-        (64, 128, 64, 8, 3),
-        (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 256, 64, 8, 3),
-        (128, 128, 32, 4, 4),
-        (128, 64, 64, 4, 3),
-        (256, 128, 64, 8, 3),
+        (64, 128, 64, 8, 3),  # the shipped default
+        (64, 128, 64, 8, 4),
+        (64, 128, 32, 8, 4),
+        (64, 128, 128, 8, 2),
+        (128, 64, 64, 8, 3),
+        (64, 64, 64, 4, 3),
+        (64, 64, 64, 8, 3),
     )
 ]
 
 
 def _median_ms(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, return_mode="median")
+    return timing.measure(lambda: (), fn, "cuda", rounds=10, warmup=2).device_ms
 
 
-def _run_grid(grid: list[dict], timed) -> list[dict]:
-    rows = []
+def _run_grid(grid: list[dict], timed, head: dict, default: dict, path: Path | None) -> list:
+    """Time every configuration; each row goes to ``path`` the moment it is timed."""
+    out = []
     for config in grid:
         row = dict(config)
         try:
             row.update(timed(config))
         except Exception as exc:  # recorded, the sweep goes on
             row["error"] = f"{type(exc).__name__}: {exc}"
-        rows.append(row)
+        out.append(row)
+        if path is not None:
+            rows_io.append(path, {**head, "default": default, "row": row})
         print(json.dumps(row), flush=True)
-    return rows
+    return out
+
+
+def results_from_rows(rows: list[dict]) -> list[dict]:
+    """Sweep results (one per kernel family and shape) rebuilt from the rows written so far."""
+    results: dict = {}
+    for r in rows:
+        head = {k: v for k, v in r.items() if k not in ("default", "row")}
+        key = json.dumps(head, sort_keys=True)
+        results.setdefault(key, {**head, "default": r["default"], "rows": []})["rows"].append(
+            r["row"]
+        )
+    return [{**res, "best": _best(res["rows"])} for res in results.values()]
 
 
 def _best(rows: list[dict]) -> dict:
@@ -65,7 +88,7 @@ def _best(rows: list[dict]) -> dict:
     return {"fwd": pick("fwd"), "bwd": pick("bwd")}
 
 
-def sweep_logits(n: int, vocab: int, dtype: str) -> dict:
+def sweep_logits(n: int, vocab: int, dtype: str, path: Path | None = None) -> dict:
     from aepo.kernels import logprob_entropy as le
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -88,13 +111,13 @@ def sweep_logits(n: int, vocab: int, dtype: str) -> dict:
         finally:
             le.GPU_CONFIGS[size] = default
 
-    rows = _run_grid(LOGITS_GRID, timed)
     shipped = {"BLOCK_V": default[0], "num_warps": default[1]}
-    head = {"kernel": "logits", "n": n, "vocab": vocab, "dtype": dtype, "default": shipped}
-    return {**head, "best": _best(rows), "rows": rows}
+    head = {"kernel": "logits", "n": n, "vocab": vocab, "dtype": dtype}
+    rows = _run_grid(LOGITS_GRID, timed, head, shipped, path)
+    return {**head, "default": shipped, "best": _best(rows), "rows": rows}
 
 
-def sweep_linear(n: int, hidden: int, vocab: int, dtype: str) -> dict:
+def sweep_linear(n: int, hidden: int, vocab: int, dtype: str, path: Path | None = None) -> dict:
     from aepo.kernels import linear_triton as lt
     from aepo.kernels.reference import finish_pieces
 
@@ -120,8 +143,8 @@ def sweep_linear(n: int, hidden: int, vocab: int, dtype: str) -> dict:
             lt.GPU_CONFIG.clear()
             lt.GPU_CONFIG.update(default)
 
-    rows = _run_grid(LINEAR_GRID, timed)
     head = {"kernel": "linear", "n": n, "hidden": hidden, "vocab": vocab, "dtype": dtype}
+    rows = _run_grid(LINEAR_GRID, timed, head, default, path)
     return {**head, "default": default, "best": _best(rows), "rows": rows}
 
 
@@ -162,13 +185,14 @@ def main(argv=None) -> int:
     p.add_argument("--hidden", type=int, default=5120, help="H (linear kernels)")
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--json", type=Path, required=True)
+    p.add_argument("--rows", type=Path, help="append each configuration's row (JSON lines)")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("the sweep times compiled kernels: it needs a CUDA GPU")
     if args.kernel == "logits":
-        result = sweep_logits(args.n, args.vocab, args.dtype)
+        result = sweep_logits(args.n, args.vocab, args.dtype, args.rows)
     else:
-        result = sweep_linear(args.n, args.hidden, args.vocab, args.dtype)
-    args.json.write_text(json.dumps(result, indent=1))
+        result = sweep_linear(args.n, args.hidden, args.vocab, args.dtype, args.rows)
     print("\n".join(render(result)))
     return 0
 

@@ -12,7 +12,9 @@ come from the launch code itself.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +22,10 @@ from typing import Any
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Triton < 3.7's interpreter turns 1-element numpy arrays into ints with int(), a TypeError
+# since numpy 2.4 (triton-lang/triton#9172, fixed in 3.7): every interpreted kernel fails.
+INTERPRETER_NUMPY_FIX = {"triton": (3, 7), "numpy": (2, 4)}
 
 
 @dataclass
@@ -70,9 +76,56 @@ def launch(kernel, grid: tuple, *args, interpret: dict | None = None, **kwargs) 
     if recording_only():
         return
     if INTERPRET:
+        _check_interpreter()
         kernel[grid](*args, **{**kwargs, **(interpret or {})})
     else:
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = re.match(r"(\d+)\.(\d+)", version).groups()
+    return int(major), int(minor)
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run with these versions ("3.6.0", "2.4.1"), or None."""
+    fix = INTERPRETER_NUMPY_FIX
+    if _major_minor(triton_version) >= fix["triton"] or _major_minor(numpy_version) < fix["numpy"]:
+        return None
+    return (
+        f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run with numpy "
+        f"{numpy_version}: before Triton 3.7 it converts 1-element arrays with int(), a "
+        "TypeError since numpy 2.4. Install numpy<2.4 or triton>=3.7"
+    )
+
+
+@functools.cache
+def _check_interpreter() -> None:
+    import numpy
+    import triton
+
+    problem = interpreter_problem(triton.__version__, numpy.__version__)
+    if problem:
+        raise RuntimeError(problem)
+
+
+def register_op(name: str, mutates_args: tuple[str, ...], fake: Callable):
+    """Decorator: register a launcher as the torch.library op ``name`` ("aepo::...").
+
+    Real Triton: ``triton_op``, which torch.compile traces into (the kernels stay visible to
+    Inductor), so the launcher's host code runs on FakeTensors there: shapes and strides only,
+    never ``data_ptr()`` or a value read back. Interpreter: an opaque ``custom_op`` with the
+    explicit ``fake``, because interpreted kernels cannot run on FakeTensors.
+    """
+
+    def wrap(fn):
+        if INTERPRET:
+            op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, fn, mutates_args=mutates_args)
+
+    return wrap
 
 
 def gate_exercise(fn: Callable[[torch.dtype], None]) -> Callable[[torch.dtype], None]:

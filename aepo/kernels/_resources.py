@@ -73,6 +73,15 @@ def parse_cuobjdump(out: str) -> dict:
     }
 
 
+def spilled(resources: dict) -> int:
+    """How much a compile spilled, 0 when nothing: CUDA bytes per thread (stack frame + local
+    memory; Triton kernels have no local arrays or calls, so their stack frame is spill space,
+    what ``ptxas -v`` calls spill stores, and cuobjdump's LOCAL stays 0), ROCm registers."""
+    if "vgpr_spills" in resources:
+        return resources["vgpr_spills"] + resources["sgpr_spills"]
+    return resources["stack"] + resources["local"]
+
+
 def cuda_occupancy(registers: int, shared: int, num_warps: int, arch: int) -> dict:
     """Resident blocks per SM and the occupancy they give, with the limiting resource.
 

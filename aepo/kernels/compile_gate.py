@@ -11,6 +11,8 @@ specialised with the target backend's own argument binder (dtypes, 16-divisibili
 ``num_warps``) exactly as a launch on that GPU would be, and compiled. A ``*_kernel`` function in
 ``aepo.kernels`` that no exercise launches fails the gate, so new kernels are covered as soon
 as they exist. Each compile also reports its resources (registers, spills, shared memory).
+:func:`sweep_resources` does the same for the launch configurations that
+``benchmarks/sweep_kernels.py`` would time, at the sweep's shapes.
 
     python -m aepo.kernels.compile_gate [--targets sm_90 gfx942] [--json out.json]
 
@@ -20,6 +22,7 @@ Must run without ``TRITON_INTERPRET`` (interpreted kernels cannot be compiled).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -227,6 +230,92 @@ def _compile_all(variants: list[Variant], jobs: int) -> list[Result]:
     ctx = multiprocessing.get_context("fork")
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
         return list(pool.map(compile_variant, variants))
+
+
+# The shapes benchmarks/sweep_kernels.py times (as make gpu-check runs it): rows, V, H.
+SWEEP_SHAPES = {"logits": (16384, 151936, 0), "linear": (4096, 151936, 5120)}
+
+
+@contextlib.contextmanager
+def sweep_override(family: str, config: dict, element_size: int):
+    """Apply one sweep configuration the way benchmarks/sweep_kernels.py does, then restore.
+
+    ``logits``: ``{"BLOCK_V", "num_warps"}`` into ``logprob_entropy.GPU_CONFIGS[element_size]``;
+    ``linear``: any keys of ``linear_triton.GPU_CONFIG`` (tiles, num_warps, num_stages).
+    """
+    from aepo.kernels import linear_triton as lt
+    from aepo.kernels import logprob_entropy as le
+
+    if family == "logits":
+        saved = le.GPU_CONFIGS[element_size]
+        le.GPU_CONFIGS[element_size] = (config["BLOCK_V"], config["num_warps"])
+        try:
+            yield
+        finally:
+            le.GPU_CONFIGS[element_size] = saved
+    elif family == "linear":
+        saved = dict(lt.GPU_CONFIG)
+        lt.GPU_CONFIG.update(config)
+        try:
+            yield
+        finally:
+            lt.GPU_CONFIG.clear()
+            lt.GPU_CONFIG.update(saved)
+    else:
+        raise ValueError(f"unknown kernel family {family!r} (logits or linear)")
+
+
+def record_sweep(family: str, config: dict, dtype=torch.bfloat16) -> list[_launch.Launch]:
+    """The launches one sweep configuration times: forward and backward (both upstream
+    gradients) through the same entry points as the sweep, at :data:`SWEEP_SHAPES`, on meta
+    tensors (shapes, strides and dtypes without memory; nothing runs)."""
+    from aepo.kernels import linear_triton as lt
+    from aepo.kernels import logprob_entropy as le
+
+    n, vocab, hidden = SWEEP_SHAPES[family]
+    meta = {"device": "meta"}
+    g, m, log_s, ent = (torch.empty(n, **meta) for _ in range(4))  # [N] fp32 each
+    labels = torch.empty(n, dtype=torch.int64, **meta)
+    with sweep_override(family, config, dtype.itemsize), _launch.record_launches(False) as log:
+        if family == "logits":
+            logits = torch.empty(n, vocab, dtype=dtype, **meta)
+            le.logprobs_entropy_fwd(logits, labels, 1.0, -100, False)
+            grad = torch.empty_like(logits)
+            le.logprobs_entropy_bwd(logits, labels, m, log_s, ent, g, g, grad, 1.0, -100)
+        else:
+            x = torch.empty(n, hidden, dtype=dtype, **meta)
+            w = torch.empty(vocab, hidden, dtype=dtype, **meta)
+            lt.linear_forward(x, w, labels, 1.0)
+            lt.linear_backward(x, w, labels, m, log_s, ent, g, g, 1.0)
+    return log
+
+
+def sweep_resources(
+    family: str, configs: list[dict], target: str = "sm_90", jobs: int = 2
+) -> list[dict[str, Result]]:
+    """For each sweep configuration, kernel name -> its compile :class:`Result` on ``target``
+    (``ok``, ``error``, ``resources``: registers, stack, ...; spills: :func:`compiles_clean`).
+
+    Compiles exactly the variants :func:`record_sweep` records, each distinct one once.
+    """
+    if _launch.INTERPRET:
+        raise RuntimeError("sweep_resources needs TRITON_INTERPRET unset (it compiles kernels)")
+    per_config, variants = [], {}
+    for config in configs:
+        keys: dict[str, str] = {}
+        for launch in record_sweep(family, config):
+            variant = specialize(launch, target)
+            variants.setdefault(variant.key(), variant)
+            if keys.setdefault(variant.kernel, variant.key()) != variant.key():
+                raise ValueError(f"{config}: two variants of {variant.kernel} in one sweep run")
+        per_config.append(keys)
+    results = dict(zip(variants, _compile_all(list(variants.values()), jobs), strict=True))
+    return [{kernel: results[key] for kernel, key in keys.items()} for keys in per_config]
+
+
+def compiles_clean(result: Result) -> bool:
+    """True when the compile succeeded and spilled nothing (:func:`_resources.spilled`)."""
+    return result.ok and _resources.spilled(result.resources) == 0
 
 
 def parse_args(argv=None) -> argparse.Namespace:

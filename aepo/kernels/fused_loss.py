@@ -12,7 +12,7 @@ import torch
 
 from aepo.kernels import _buffers, _launch
 from aepo.kernels._checks import check_logits_labels, check_temperature, mask_to_labels
-from aepo.kernels.api import resolve_backend
+from aepo.kernels.api import logprobs_and_entropy, resolve_backend
 from aepo.kernels.logprob_entropy import logprobs_entropy_bwd, logprobs_entropy_fwd
 from aepo.kernels.torch_backend import chunked_backward, chunked_forward
 from aepo.objectives import policy_loss
@@ -95,7 +95,8 @@ def fused_policy_loss(
             ref_logp, kl_coef, agg, normalizer, ... (see ``policy_loss``).
     Returns:
         (loss, metrics): equal in value and gradient to
-        ``policy_loss(*logprobs_and_entropy(logits, labels), ...)``.
+        ``policy_loss(*logprobs_and_entropy(logits, labels), ...)``, which is what it runs
+        under torch.compile.
     Memory: the gradient buffer [..., T, V] in the logits dtype (none with inplace_grad) and a
     few [..., T] fp32 vectors; nothing else of size V.
     """
@@ -106,6 +107,13 @@ def fused_policy_loss(
     backend = resolve_backend(backend, logits)
     if inplace_grad and logits.requires_grad and logits.is_leaf:
         raise ValueError("inplace_grad=True would overwrite a leaf tensor with its gradient")
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace the torch.autograd.grad below; AOTAutograd derives the same
+        # backward (objective, then the fused logits backward) from the composition.
+        logp, entropy = logprobs_and_entropy(
+            logits, labels, temperature=temperature, backend=backend, inplace_grad=inplace_grad
+        )
+        return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **policy_loss_kwargs)
     stats = forward_stats(logits, labels, inv_t, ignore_index, backend)
     train = logits.requires_grad and torch.is_grad_enabled()
     lp = stats[0].detach().requires_grad_(train)

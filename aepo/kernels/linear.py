@@ -120,7 +120,8 @@ def linear_logprobs_and_entropy(
             ``process_group``, this rank's contiguous shard [V_r, H] (shards in rank order).
         labels: [...] integer global vocabulary ids in [0, V) or ``ignore_index``.
         temperature: logits / temperature (> 0).
-        ignore_index: rows to skip: dropped before any matmul, 0 out, zero gradient.
+        ignore_index: rows to skip: dropped before any matmul, 0 out, zero gradient (under
+            torch.compile, whose shapes cannot depend on the labels, computed and masked).
         backend: "triton", "torch" (chunked plain torch) or "auto" (triton on CUDA, torch on
             CPU unless TRITON_INTERPRET=1).
         process_group: a vocab-parallel group, or None.
@@ -140,22 +141,33 @@ def linear_logprobs_and_entropy(
 
 
 def _kept_rows(hidden, weight, labels, temperature, ignore_index, backend, process_group):
-    """Checked inputs as (1 / T, backend, keep [K] row indices, x [K, H], local [K] label
-    column in this rank's shard or -1)."""
+    """Checked inputs as (1 / T, backend, keep, x [K, H], local [K] label column in this rank's
+    shard or -1). Eager: ``keep`` is the [K] indices of the rows to compute (one host sync).
+    Under torch.compile, whose shapes must not depend on values: ``keep`` is the [N] bool mask
+    and every row is computed, ignored rows on zeroed hidden states (masked out after)."""
     inv_t = check_temperature(temperature)
     vocab_start, vocab_total = shard_layout(check_hidden_weight(hidden, weight), process_group)
     labels = check_labels(labels, hidden, "hidden", "hidden", vocab_total, ignore_index)
     backend = resolve_backend(backend, hidden)
     flat = labels.reshape(-1)
-    keep = (flat != ignore_index).nonzero().squeeze(1)  # one host sync: rows to compute
-    x = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-    y = flat.index_select(0, keep) - vocab_start
+    x = hidden.reshape(-1, hidden.shape[-1])
+    keep = flat != ignore_index
+    if torch.compiler.is_compiling():
+        x = torch.where(keep.unsqueeze(1), x, 0)
+        y = torch.where(keep, flat - vocab_start, -1)
+    else:
+        keep = keep.nonzero().squeeze(1)  # one host sync: rows to compute
+        x, y = x.index_select(0, keep), flat.index_select(0, keep) - vocab_start
     local = torch.where((y >= 0) & (y < weight.shape[0]), y, torch.full_like(y, -1))
     return inv_t, backend, keep, x, local
 
 
 def _scatter(values: torch.Tensor, keep: torch.Tensor, shape) -> torch.Tensor:
-    """[K, ...] values of the kept rows -> [*shape, ...] with zeros elsewhere."""
+    """[K, ...] values of the kept rows (``keep`` from :func:`_kept_rows`) -> [*shape, ...]
+    with zeros elsewhere."""
+    if keep.dtype == torch.bool:  # torch.compile: every row was computed
+        values = torch.where(keep.view(-1, *[1] * (values.dim() - 1)), values, 0)
+        return values.view(*shape, *values.shape[1:])
     if keep.numel() == shape.numel():
         return values.view(*shape, *values.shape[1:])
     zeros = values.new_zeros((shape.numel(), *values.shape[1:]))
@@ -217,6 +229,7 @@ def _single_pass(hidden, weight, backend, process_group, loss_kwargs) -> bool:
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return (
         wants_grad
+        and not torch.compiler.is_compiling()  # it calls torch.autograd.grad in the forward
         and process_group is None
         and weight.dtype == accumulator_dtype(weight.dtype)
         and resolve_backend(backend, hidden) == "torch"

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from aepo.kernels import _buffers
-from aepo.kernels._launch import INTERPRET, launch
+from aepo.kernels._launch import INTERPRET, launch, register_op
 
 _NEG_BIG: tl.constexpr = tl.constexpr(-3.0e38)  # below every finite fp32 logit
 
@@ -198,15 +198,20 @@ def _dot_fp32(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 
 
-def linear_forward(
+def _forward_fake(x, w, local, inv_temperature):
+    return x.new_empty((4, x.shape[0]), dtype=torch.float32)
+
+
+@register_op("aepo::linear_forward", mutates_args=(), fake=_forward_fake)
+def _linear_forward_op(
     x: torch.Tensor, w: torch.Tensor, local: torch.Tensor, inv_temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Piece statistics (m, s, u, z_y) [N] fp32 of w's vocabulary (see linear_torch)."""
+) -> torch.Tensor:
+    """[4, N] fp32 piece statistics (m, s, u, z_y): see :func:`linear_forward`."""
     x, w, local = x.contiguous(), w.contiguous(), local.contiguous()
     (n, h), vocab = x.shape, w.shape[0]
     out = _buffers.empty((4, n), torch.float32, x.device)
     if n == 0:
-        return tuple(out)
+        return out
     splits = triton.cdiv(vocab, SPLIT_V)
     parts = _buffers.empty((4, splits, n), torch.float32, x.device)
     grid = (triton.cdiv(n, GPU_CONFIG["BLOCK_N"]) * splits,)
@@ -222,7 +227,14 @@ def linear_forward(
         BLOCK=MERGE_BLOCK,
         num_warps=4,
     )
-    return tuple(out)
+    return out
+
+
+def linear_forward(
+    x: torch.Tensor, w: torch.Tensor, local: torch.Tensor, inv_temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Piece statistics (m, s, u, z_y) [N] fp32 of w's vocabulary (see linear_torch)."""
+    return tuple(_linear_forward_op(x, w, local, inv_temperature))
 
 
 def slice_width(n: int, vocab: int, element_size: int) -> int:
@@ -243,6 +255,11 @@ def _add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
+def _backward_fake(x, w, local, m, log_s, entropy, grad_logp, grad_entropy, inv_temperature):
+    return x.new_empty(x.shape, dtype=torch.float32), w.new_empty(w.shape)
+
+
+@register_op("aepo::linear_backward", mutates_args=(), fake=_backward_fake)
 def linear_backward(
     x: torch.Tensor,
     w: torch.Tensor,

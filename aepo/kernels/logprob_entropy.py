@@ -9,12 +9,14 @@ Math and notation: :mod:`aepo.kernels.reference` (the plain-torch twin of these 
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from aepo.kernels import _autograd, _buffers
-from aepo.kernels._launch import INTERPRET, launch
+from aepo.kernels._launch import launch, register_op
 
 # Sentinel below every finite fp32 logit: starting the running max here keeps exp(m - m_new)
 # finite when a whole block is -inf (masked vocabulary), where -inf would give NaN.
@@ -149,54 +151,47 @@ def _interpret_block(vocab: int) -> dict:
     return {"BLOCK_V": min(triton.next_power_of_2(vocab), INTERPRET_MAX_BLOCK)}
 
 
-def rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
-    """View [..., V] as [B, T, V] rows without copying when the strides allow it.
+def _fold(sizes, strides) -> int | None:
+    """The stride of dims that fold into one row-major dim (size-1 dims ignored), or None."""
+    dims = [(n, st) for n, st in zip(sizes, strides, strict=True) if n != 1]
+    if any(outer != inner * n for (_, outer), (n, inner) in itertools.pairwise(dims)):
+        return None
+    return dims[-1][1] if dims else (strides[-1] if strides else 0)
 
-    Returns (tensor, T, stride_b, stride_t); the row r lives at (r // T) * stride_b +
-    (r % T) * stride_t. Handles [N, V], [B, T, V] and slices such as logits[:, :-1].
+
+def rows_in_place(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int] | None:
+    """Address the [..., V] rows of ``x`` as [B, T, V] rows, or None when only a copy can (last
+    dim not contiguous, or leading dims that do not fold into two strides).
+
+    Returns (x, T, stride_b, stride_t); the row r lives at (r // T) * stride_b +
+    (r % T) * stride_t from x's first element. Handles [N, V], [B, T, V] and slices such as
+    logits[:, :-1]. Decided from shapes and strides alone (no view attempt, no pointer), so it
+    traces on FakeTensors under torch.compile.
     """
-    vocab = x.shape[-1]
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.stride(-1) != 1:
-        x = x.contiguous()
-    n = x.numel() // vocab
-    try:
-        flat = x.view(n, vocab)
-        return flat, max(n, 1), 0, flat.stride(0)
-    except RuntimeError:
-        pass
-    try:
-        x3 = x.view(-1, x.shape[-2], vocab)
-        return x3, x3.shape[1], x3.stride(0), x3.stride(1)
-    except RuntimeError:
-        flat = x.contiguous().view(n, vocab)
-        return flat, max(n, 1), 0, flat.stride(0)
+        return None
+    sizes, strides = x.shape[:-1], x.stride()[:-1]
+    stride = _fold(sizes, strides)
+    if stride is not None:
+        return x, max(x.numel() // x.shape[-1], 1), 0, stride
+    stride_b = _fold(sizes[:-1], strides[:-1])
+    if stride_b is None:
+        return None
+    return x, sizes[-1], stride_b, strides[-1]
 
 
-def _register_op(name: str, mutates_args: tuple[str, ...], fake):
-    """Register ``fn`` as a torch.library op.
-
-    Real Triton: ``triton_op``, which torch.compile traces into (the kernels stay visible to
-    Inductor). Interpreter: an opaque ``custom_op`` with an explicit fake, because interpreted
-    kernels cannot run on FakeTensors.
-    """
-
-    def wrap(fn):
-        if INTERPRET:
-            op = torch.library.custom_op(name, fn, mutates_args=mutates_args)
-            op.register_fake(fake)
-            return op
-        return torch.library.triton_op(name, fn, mutates_args=mutates_args)
-
-    return wrap
+def rows_view(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """:func:`rows_in_place`, on a contiguous copy of ``x`` when its layout needs one."""
+    return rows_in_place(x) or rows_in_place(x.contiguous())
 
 
 def _fwd_fake(logits, labels, inv_temperature, ignore_index, inplace_grad):
     return tuple(logits.new_empty(labels.shape, dtype=torch.float32) for _ in range(4))
 
 
-@_register_op("aepo::logprobs_entropy_fwd", mutates_args=(), fake=_fwd_fake)
+@register_op("aepo::logprobs_entropy_fwd", mutates_args=(), fake=_fwd_fake)
 def logprobs_entropy_fwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -237,7 +232,7 @@ def _bwd_fake(*args) -> None:
     return None
 
 
-@_register_op("aepo::logprobs_entropy_bwd", mutates_args=("grad_logits",), fake=_bwd_fake)
+@register_op("aepo::logprobs_entropy_bwd", mutates_args=("grad_logits",), fake=_bwd_fake)
 def logprobs_entropy_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -259,9 +254,13 @@ def logprobs_entropy_bwd(
     if n == 0:
         return
     x, t, stride_b, stride_t = rows_view(logits)
-    g, gt, gstride_b, gstride_t = rows_view(grad_logits)
-    if g.data_ptr() != grad_logits.data_ptr():
-        raise ValueError("grad_logits must have rows addressable in place (last dim contiguous)")
+    g_rows = rows_in_place(grad_logits)  # the kernel writes into grad_logits, never a copy
+    if g_rows is None:
+        raise ValueError(
+            f"grad_logits {tuple(grad_logits.shape)} with strides {grad_logits.stride()} must "
+            "have rows addressable in place (last dim contiguous, leading dims foldable)"
+        )
+    g, gt, gstride_b, gstride_t = g_rows
     glp = None if grad_logp is None else grad_logp.float().reshape(-1).contiguous()
     gh = None if grad_entropy is None else grad_entropy.float().reshape(-1).contiguous()
     launch(

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
+from aepo.distributed import all_reduce
 from aepo.train.config import TrainConfig
 
 
@@ -260,8 +261,7 @@ class PolicyEngine:
             bad[0] = nonfinite_loss.detach().float().cpu()
         if self.stage == 0 and grads:  # reduced already: every rank sees the same gradients
             bad[1] = (~torch.stack([torch.isfinite(g).all() for g in grads]).all()).float().cpu()
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # any rank's flag, on every rank
         skip = bool(bad.any())
         self.skip_reason = "loss" if bad[0] else "gradient norm"
         if skip and self.stage == 0:

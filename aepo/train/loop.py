@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aepo.distributed import all_reduce
 from aepo.evaluate import group_label
 from aepo.kernels import fused_policy_loss, logprobs_and_entropy
 from aepo.objectives import entropy_statistics, group_advantages
@@ -256,7 +257,7 @@ class Trainer:
             return metrics
         keys = sorted(metrics)
         values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values)
+        all_reduce(values)
         return {k: float(v) / self.world for k, v in zip(keys, values, strict=True)}
 
     def update(self, trajectories) -> dict[str, float]:
@@ -388,7 +389,7 @@ class Trainer:
             local = (mask.sum(-1) > 0).sum().float()
         total = local.double().clone()
         if self.world > 1:
-            dist.all_reduce(total)
+            all_reduce(total)
         return max(float(total), 1.0)
 
     def sync_weights(self) -> None:

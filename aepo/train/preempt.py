@@ -12,6 +12,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from aepo.distributed import all_reduce
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -48,7 +50,5 @@ class Preemption:
         )
 
     def requested(self) -> signal.Signals | None:
-        flag = torch.tensor([float(self.signum)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        flag = all_reduce(torch.tensor([float(self.signum)]), op=dist.ReduceOp.MAX)
         return signal.Signals(int(flag.item())) if flag.item() else None

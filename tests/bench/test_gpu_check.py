@@ -1,5 +1,6 @@
-"""make gpu-check without a GPU: argument handling, the dry run, the report writer; and the
-pytest-benchmark kernel suite run for real on CPU (the JSON the GPU report is built from)."""
+"""make gpu-check without a GPU: arguments, the dry run, the per-command time shares, what a
+killed command leaves, the report writer; and a real CPU rehearsal of the bench stage (the rows
+the GPU report is built from)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_kernels  # noqa: E402
 import gpu_check  # noqa: E402
 import render_bench  # noqa: E402
+import rows  # noqa: E402
+import sweep_kernels  # noqa: E402
 
 
 def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -36,7 +41,14 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     assert "--vocab 151936" in proc.stdout and "--dtype bf16" in proc.stdout
     assert "--kernel logits" in proc.stdout and "--kernel linear" in proc.stdout
     assert "benchmarks/bench_linear.py" in proc.stdout and "--hidden 5120" in proc.stdout
+    assert proc.stdout.count("--rows=") == 3 and "_sweep.jsonl" in proc.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_default_run_fits_seven_minutes_in_at_most_eight_files():
+    args = gpu_check.parse_args([])
+    assert args.budget <= 7 * 60 - 60  # a minute for the probe, start-up and the report
+    assert len(gpu_check.FILES) <= 8
 
 
 @pytest.mark.parametrize(
@@ -70,21 +82,79 @@ def test_stage_limits_pass_unused_time_on():
     assert gpu_check.stage_limit("memory", ctx, ["memory"]) == 0.0
 
 
+def test_every_bench_command_gets_its_own_share():
+    """The first (largest-vocabulary) command cannot take the whole bench stage."""
+    ctx = gpu_check.Context(Path("."), "s", "py", 100.0, 16384, (151936, 32000), "bf16")
+    cmds = gpu_check.stage_commands("bench", ctx)
+    assert cmds[0][0][-2:] == ["--vocab", "151936"] and "benchmarks/bench_linear.py" in cmds[-1][0]
+    weights = [w for _, w in cmds]
+    first = gpu_check.share(240.0, weights[0], weights)
+    assert first == pytest.approx(80.0)  # three commands of equal weight
+    # the second gets its share of what the first left, plus the first's unused time
+    assert gpu_check.share(240.0 - 30.0, weights[1], weights[1:]) == pytest.approx(105.0)
+
+
+def test_a_killed_command_keeps_its_rows_and_output(tmp_path):
+    """A command over its limit is stopped with its whole process group; every row it wrote
+    and every line it printed survive."""
+    ctx = gpu_check.Context(tmp_path, "gpu_x", sys.executable, 60.0, 1, (1,), "bf16")
+    out = tmp_path / "rows.jsonl"
+    script = (
+        "import subprocess, sys, time; sys.path.insert(0, 'benchmarks'); import rows\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        "print('CHILD_PID', child.pid)\n"
+        f"for i in range(2): rows.append({str(out)!r}, {{'i': i}}); print('row', i)\n"
+        "time.sleep(120)\n"
+    )
+    start = time.monotonic()
+    run = gpu_check.run_command([sys.executable, "-c", script], ctx, limit=8.0)
+    assert time.monotonic() - start < 8.0 + 2 * gpu_check.KILL_GRACE_S
+    assert run["timed_out"] and run["rc"] is None
+    assert rows.read(out) == [{"i": 0}, {"i": 1}]
+    log = ctx.path("_log.txt").read_text()
+    assert "row 0" in log and "row 1" in log and "limit 8 s" in log
+    child = int(next(ln for ln in log.splitlines() if ln.startswith("CHILD_PID")).split()[1])
+    with pytest.raises(ProcessLookupError):  # the grandchild went with the group
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)
+
+
+def test_rows_survive_a_line_cut_off_mid_write(tmp_path):
+    path = tmp_path / "r.jsonl"
+    rows.append(path, {"a": 1})
+    with path.open("a") as f:
+        f.write('{"a": 2, "b"')  # killed here
+    assert rows.read(path) == [{"a": 1}]
+    assert rows.read(tmp_path / "none.jsonl") == []
+
+
+def test_our_kernels_run_first_and_torch_compile_last():
+    assert bench_kernels.IMPLS[:2] == ("aepo", "aepo-inplace")
+    assert bench_kernels.IMPLS[-1] == "compiled"
+
+
 @pytest.fixture(scope="module")
-def cpu_bench(tmp_path_factory) -> Path:
-    """The kernel benchmark suite, run for real on CPU at a small size."""
-    out = tmp_path_factory.mktemp("bench") / "gpu_x_bench_V4096.json"
-    args = ["-m", "pytest", "benchmarks/bench_kernels.py", "-q", "-p", "no:cacheprovider"]
-    args += ["--n", "256", "--vocab", "4096", "--rounds", "1", f"--benchmark-json={out}"]
-    proc = _run(*args)
+def rehearsal(tmp_path_factory) -> Path:
+    """The bench and memory stages of gpu_check, rehearsed for real on CPU at a tiny size."""
+    out = tmp_path_factory.mktemp("gpu")
+    args = ["benchmarks/gpu_check.py", "--rehearse", "--stages", "bench", "memory"]
+    args += ["--vocab", "4096", "--out", str(out), "--budget", "500"]
+    proc = _run(*args, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 
-def test_cpu_bench_records_bytes_and_memory(cpu_bench):
-    benches = json.loads(cpu_bench.read_text())["benchmarks"]
-    got = {(b["extra_info"]["impl"], b["extra_info"]["op"]): b for b in benches}
-    assert set(got) == {
+def _stem(out: Path) -> str:
+    return next(p.name for p in out.iterdir() if p.suffix == ".md")[: -len(".md")]
+
+
+def test_rehearsal_writes_every_row_and_at_most_eight_files(rehearsal):
+    stem = _stem(rehearsal)
+    assert len(list(rehearsal.iterdir())) <= 8
+    got = {(r["suite"], r["impl"], r["op"]): r for r in rows.read(rehearsal / f"{stem}_rows.jsonl")}
+    kernels = {(i, o) for s, i, o in got if s == "kernels"}
+    assert kernels == {
         ("naive", "fwd"),
         ("naive", "bwd"),
         ("naive", "loss"),
@@ -94,56 +164,75 @@ def test_cpu_bench_records_bytes_and_memory(cpu_bench):
         ("aepo-inplace", "bwd"),
         ("aepo-inplace", "loss"),
     }
+    linear = {i for s, i, _ in got if s == "linear"}
+    assert {"aepo-linear", "matmul+fused", "naive", "trl-chunked", "liger"} <= linear
     logits_bytes = 256 * 4096 * 4
-    for (_, op), b in got.items():
-        info = b["extra_info"]
-        assert info["bytes"] == {"fwd": 1, "bwd": 2, "loss": 3}[op] * logits_bytes
-        assert b["stats"]["median"] > 0
+    for (suite, _, op), r in got.items():
+        assert r["device_ms"] > 0 and r["host_ms"] > 0 and r["rounds"] == 1
+        if suite == "kernels":
+            assert r["bytes"] == {"fwd": 1, "bwd": 2, "loss": 3}[op] * logits_bytes
     # the naive loss holds at least an fp32 [N, V] log-softmax besides the inputs
-    assert got[("naive", "loss")]["extra_info"]["peak_extra_bytes"] >= logits_bytes
+    assert got[("kernels", "naive", "loss")]["peak_extra_bytes"] >= logits_bytes
+    log = (rehearsal / f"{stem}_log.txt").read_text()
+    assert "test_kernel[V4096-aepo-fwd] PASSED" in log  # streamed as it ran
 
 
-def test_report_writer(cpu_bench, tmp_path):
+def test_rehearsal_report(rehearsal):
+    stem = _stem(rehearsal)
+    md = (rehearsal / f"{stem}.md").read_text()
+    assert md.startswith("# GPU check: cpu rehearsal")
+    assert "## bench: ok" in md and "## N=256 V=4096 fp32" in md
+    assert "| aepo-inplace |" in md and "| trl-chunked |" in md
+    assert md.count("| kernels | 4096 | naive |") == 3  # the memory table: one row per op
+    saved = json.loads((rehearsal / f"{stem}.json").read_text())
+    assert set(saved["stages"]) == {"bench", "memory"}
+    assert saved["env"]["peers"]["trl-chunked"] is None  # importable here
+
+
+def test_report_names_failures_timeouts_and_missing_peers(tmp_path):
     ctx = gpu_check.Context(tmp_path, "gpu_x", "py", 300.0, 256, (4096,), "fp32")
-    (tmp_path / "gpu_x_bench_V4096.json").write_text(cpu_bench.read_text())
     (tmp_path / "gpu_x_tests.xml").write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
         '<testcase classname="tests.kernels.test_gpu" name="test_a"><failure/></testcase>'
         '<testcase classname="tests.kernels.test_gpu" name="test_b"/></testsuite></testsuites>'
     )
-    sweep = {"n": 256, "vocab": 4096, "dtype": "bf16", "default": {"BLOCK_V": 8192, "num_warps": 8}}
-    sweep["rows"] = [
+    head = {"kernel": "logits", "n": 256, "vocab": 4096, "dtype": "bf16"}
+    default = {"BLOCK_V": 8192, "num_warps": 8}
+    grid = [
         {"BLOCK_V": 4096, "num_warps": 8, "fwd_ms": 1.5, "bwd_ms": 3.0},
         {"BLOCK_V": 8192, "num_warps": 8, "fwd_ms": 1.2, "bwd_ms": 3.5},
         {"BLOCK_V": 16384, "num_warps": 4, "error": "OutOfResources: shared memory"},
     ]
-    sweep["best"] = {"fwd": sweep["rows"][1], "bwd": sweep["rows"][0]}
-    (tmp_path / "gpu_x_sweep.json").write_text(json.dumps(sweep))
+    for row in grid:
+        rows.append(ctx.path("_sweep.jsonl"), {**head, "default": default, "row": row})
     env = {"device": "Test GPU", "driver": "1.2", "torch": "t", "triton": "3.6", "python": "3"}
-    env |= {"date": "today", "peers": {"liger_kernel": False, "transformers": True}}
+    env |= {"date": "today", "peers": {"liger": "not importable", "trl-triton": None}}
     stages = {}
-    for name in gpu_check.STAGES:
+    for name in ("tests", "sweep"):
         stages[name] = {"status": "ok", "runs": [], "seconds": 1.0}
         stages[name].update(gpu_check.SUMMARIES[name](ctx))
-    stages["sweep"]["runs"] = [{"cmd": "python sweep", "rc": 1, "tail": "boom", "stderr_tail": ""}]
+    run = {"cmd": "python sweep", "rc": None, "timed_out": True, "seconds": 9.0, "tail": "boom"}
+    stages["sweep"]["runs"] = [run, {"cmd": "python sweep2", "rc": None, "skipped": True}]
     gpu_check.write_report(ctx, env, stages)
     md = (tmp_path / "gpu_x.md").read_text()
     assert "# GPU check: Test GPU" in md and "driver 1.2" in md and "Triton 3.6" in md
-    assert "skipped): liger_kernel" in md
+    assert "skipped): liger (not importable)." in md
     assert "3 tests: 1 failed" in md and "FAILED tests.kernels.test_gpu::test_a" in md
-    assert "| naive |" in md and "| aepo-inplace |" in md
     assert "best fwd: BLOCK_V=8192, num_warps=8" in md and "OutOfResources" in md
-    assert md.count("| 4096 | naive |") == 3  # the memory table: one row per op
-    assert "`python sweep` (rc 1)" in md and "boom" in md
-    saved = json.loads((tmp_path / "gpu_x.json").read_text())
-    assert saved["env"]["device"] == "Test GPU" and set(saved["stages"]) == set(gpu_check.STAGES)
+    assert "`python sweep` (timed out after 9.0 s)" in md and "boom" in md
+    assert "`python sweep2`: not started (no time left)" in md
 
 
-def test_render_bench_markdown(cpu_bench):
-    md = render_bench.render(json.loads(cpu_bench.read_text()))
-    assert "## N=256 V=4096 fp32" in md
-    naive = next(line for line in md.splitlines() if line.startswith("| naive |"))
-    assert naive.split("|")[5].strip() == "1.00"  # loss x naive of naive itself
+def test_sweep_rows_rebuild_the_result(tmp_path):
+    """A sweep killed after two configurations still reports them, best one included."""
+    path = tmp_path / "s.jsonl"
+    timed = iter([{"fwd_ms": 2.0, "bwd_ms": 5.0}, {"fwd_ms": 1.0, "bwd_ms": 6.0}])
+    head = {"kernel": "logits", "n": 8, "vocab": 64, "dtype": "bf16"}
+    grid = sweep_kernels.LOGITS_GRID[:2]
+    sweep_kernels._run_grid(grid, lambda c: next(timed), head, dict(grid[0]), path)
+    (result,) = sweep_kernels.results_from_rows(rows.read(path))
+    assert result["default"] == grid[0] and len(result["rows"]) == 2
+    assert result["best"]["fwd"]["fwd_ms"] == 1.0 and result["best"]["bwd"]["bwd_ms"] == 5.0
 
 
 def test_collecting_the_cuda_tests_needs_no_vllm_deepspeed_or_liger():
@@ -156,8 +245,6 @@ def test_collecting_the_cuda_tests_needs_no_vllm_deepspeed_or_liger():
 
 
 def test_sweep_render_linear_format():
-    import sweep_kernels
-
     default = dict(sweep_kernels.LINEAR_GRID[0])
     good = {**default, "fwd_ms": 2.0, "bwd_ms": 6.0, "fwd_tflops": 410.0, "bwd_tflops": 400.0}
     bad = {**sweep_kernels.LINEAR_GRID[1], "error": "OutOfResources: shared memory"}
@@ -167,3 +254,10 @@ def test_sweep_render_linear_format():
     assert "linear kernels, N=4096 H=5120 V=151936 bf16" in md
     assert "| 64 | 128 | 64 | 8 | 3 | 2.000 | 6.000 | 410.000 | 400.000 |" in md
     assert "OutOfResources" in md and "best bwd: BLOCK_N=64, BLOCK_V=128" in md
+
+
+def test_render_bench_markdown(rehearsal):
+    stem = _stem(rehearsal)
+    md = render_bench.render(rows.read(rehearsal / f"{stem}_rows.jsonl"))
+    naive = next(line for line in md.splitlines() if line.startswith("| naive |"))
+    assert naive.split("|")[6].strip() == "1.00"  # loss x naive of naive itself

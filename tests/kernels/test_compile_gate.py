@@ -110,8 +110,9 @@ def test_linear_variants_are_what_the_launchers_produce(report):
 def test_no_shipped_configuration_spills_on_sm90(report):
     sm90 = [r for r in report["results"] if r["variant"]["target"] == "sm_90"]
     assert sm90
-    spills = [f"{r['label']}: local {r['resources']['local']} B" for r in sm90]
-    assert all(r["resources"]["local"] == 0 for r in sm90), "\n".join(spills)
+    # Triton's spills land in the stack frame (cuobjdump's LOCAL stays 0): count both
+    spills = [f"{r['label']}: {_resources.spilled(r['resources'])} B spilled" for r in sm90]
+    assert all(_resources.spilled(r["resources"]) == 0 for r in sm90), "\n".join(spills)
 
 
 def test_resource_report_lists_every_compile(report):

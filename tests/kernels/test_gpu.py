@@ -7,6 +7,7 @@ import torch
 
 from aepo.kernels import logprobs_and_entropy, naive_logprobs_and_entropy
 from tests.helpers import assert_within_rule, make_labels
+from tests.kernels import compile_cases
 
 pytestmark = pytest.mark.cuda
 
@@ -70,6 +71,17 @@ def test_torch_compile_fullgraph(cuda):
     comp.backward()
     torch.testing.assert_close(comp, eager)
     torch.testing.assert_close(x2.grad, x1.grad)
+
+
+@pytest.mark.parametrize("case", compile_cases.CASES, ids=lambda c: c.name)
+def test_torch_compile_cases(cuda, case):
+    """The CPU compile cases (tests/kernels/test_torch_compile.py) through Inductor, whose
+    fusions of the surrounding ops may move the last fp32 bits."""
+    torch._dynamo.reset()
+    compiled = torch.compile(case.fn, fullgraph=True)
+    eager_out, eager_grads = compile_cases.run(case, case.fn, cuda)
+    out, grads = compile_cases.run(case, compiled, cuda)
+    compile_cases.assert_same(eager_out + eager_grads, out + grads, exact=False)
 
 
 def test_more_than_2_to_31_elements(cuda):
