@@ -120,6 +120,22 @@ def test_a_killed_command_keeps_its_rows_and_output(tmp_path):
             time.sleep(0.1)
 
 
+def test_a_stopped_test_run_is_counted_from_its_log(tmp_path):
+    """pytest writes its JUnit XML only at the end: a stopped run is read from its -v lines."""
+    ctx = gpu_check.Context(tmp_path, "gpu_x", "py", 60.0, 1, (1,), "bf16")
+    ctx.path("_log.txt").write_text(
+        "$ python -m pytest -v -m cuda tests\n"
+        "tests/kernels/test_gpu.py::test_a[bf16] PASSED      [ 10%]\n"
+        "tests/kernels/test_gpu.py::test_b FAILED            [ 20%]\n"
+        "tests/kernels/test_gpu.py::test_c SKIPPED (why)     [ 30%]\n"
+        "benchmarks/bench_kernels.py::test_kernel[V1-aepo-fwd] PASSED\n"
+        "tests/kernels/test_gpu.py::test_d \n[gpu-check: stopped after its 9 s share]\n"
+    )
+    got = gpu_check.summarize_tests(ctx)
+    assert got["counts"] == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1}
+    assert got["failed"] == ["tests/kernels/test_gpu.py::test_b"] and got["from_log"]
+
+
 def test_rows_survive_a_line_cut_off_mid_write(tmp_path):
     path = tmp_path / "r.jsonl"
     rows.append(path, {"a": 1})
