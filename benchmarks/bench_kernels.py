@@ -19,7 +19,9 @@ Each row, written to ``--rows`` (JSON lines) the moment it is measured, also has
 moved (fwd reads the logits once, bwd reads them and writes the gradient, loss does both), the
 peak extra memory of one warm round above its inputs (for bwd, above the state its forward
 left) and on CUDA the bandwidth floor (bytes / measured device copy bandwidth) and
-``x_floor = device_ms / floor_ms``.
+``x_floor = device_ms / floor_ms``; for ours also the H200 cost model's time
+(``logprob_entropy.cost_model``: bytes, FLOPs, exp2 and SASS instructions against their
+ceilings) and ``x_model = device_ms / model_ms``.
 
     pytest benchmarks/bench_kernels.py --rows out.jsonl                       # CPU defaults
     pytest benchmarks/bench_kernels.py --device cuda --n 16384 --vocab 151936 --dtype bf16
@@ -38,7 +40,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from aepo.kernels import fused_policy_loss, logprobs_and_entropy, naive_logprobs_and_entropy
+from aepo.kernels import (
+    fused_policy_loss,
+    logprob_entropy,
+    logprobs_and_entropy,
+    naive_logprobs_and_entropy,
+)
 from aepo.objectives import policy_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -270,6 +277,16 @@ def copy_bandwidth(bench_cfg) -> float | None:
     return 2 * src.numel() / (t.device_ms * 1e-3)
 
 
+def model_ms(impl: str, op: str, n: int, vocab: int, element_size: int) -> float | None:
+    """The time the logits kernels' cost model predicts on an H200
+    (:func:`aepo.kernels.logprob_entropy.cost_model`) for our implementations; ``loss`` is a
+    forward and a backward with both gradients (the [N]-sized objective is not modelled)."""
+    if not impl.startswith("aepo"):
+        return None
+    kernels = {"fwd": ("fwd",), "bwd": ("bwd",), "loss": ("fwd", "bwd")}[op]
+    return sum(logprob_entropy.cost_model(k, n, vocab, element_size)["model_ms"] for k in kernels)
+
+
 @functools.lru_cache(maxsize=1)  # one case alive at a time: they are GBs on the GPU
 def _case(n: int, vocab: int, dtype: str, device: str) -> Case:
     return make_case(n, vocab, DTYPES[dtype], device)
@@ -297,6 +314,9 @@ def test_kernel(bench_cfg, copy_bandwidth, record_row, vocab, impl, op):
         floor_ms = 1e3 * nbytes / copy_bandwidth
         row |= {"copy_bandwidth_GBps": copy_bandwidth / 1e9, "floor_ms": floor_ms}
         row["x_floor"] = t.device_ms / floor_ms
+    model = model_ms(impl, op, cfg.n, vocab, case.logits.element_size())
+    if model and cfg.device == "cuda":
+        row |= {"model_ms": model, "x_model": t.device_ms / model}
     record_row(row)
 
 

@@ -3,9 +3,10 @@ lm_head weight, with peers.
 
 One op, ``loss``: forward + backward of the policy loss to d hidden and d weight. Impls, in the
 order they run (ours first): ``aepo-linear`` (``fused_linear_policy_loss``: logits never
-materialised; torch backend on CPU, triton on CUDA), ``aepo-linear-2pass`` (the same with the
-entropy-aware advantage's statistics taken inside the loss, which forces the recompute path;
-CPU only: on CUDA it is the path ``aepo-linear`` takes), ``matmul+fused`` (the matmul, then our
+materialised, gradients formed in the forward (6NHV); backend auto: torch on CPU, on CUDA
+cuBLAS GEMMs + the Triton row kernels), ``aepo-linear-2pass`` (the same with the
+entropy-aware advantage's statistics taken inside the loss, which forces the recompute path,
+8NHV), ``matmul+fused`` (the matmul, then our
 logits kernels with the gradient written into the logits), ``naive`` (matmul + log_softmax +
 gather + softmax entropy + loss, autograd), ``trl-chunked`` (TRL 1.16's
 ``ChunkedLogProbFunction``: logp and entropy on chunked GEMMs of 4096 tokens x 32768 vocabulary
@@ -19,7 +20,12 @@ Each row (``--rows``, JSON lines, written as measured): device and host time
 (``timing.measure``), FLOPs counted as 8 N H V for every variant (forward matmul, and the
 backward's recompute, dX and dW), the rate on that count, and the peak extra memory of one warm
 round above its inputs **excluding** the d hidden and d weight outputs (measured in a fresh
-process per variant on CPU).
+process per variant on CPU). On CUDA our two rows also carry the FLOP / byte model of the path
+they run (:func:`aepo.kernels.linear_single_pass.cost_model`; ``linear_gemm.cost_forward`` +
+``cost_backward``) and the time it predicts at an H200's measured ceilings (``model_ms``:
+770 TF/s bf16 GEMM, 4.3 TB/s; :func:`aepo.kernels._cost.roofline_ms`), with
+``model_ratio`` = measured / predicted: near 1 on an H200, and the model's kernel list says
+where a gap comes from.
 
     pytest benchmarks/bench_linear.py --rows out.jsonl                       # CPU defaults
     pytest benchmarks/bench_linear.py --device cuda --n 16384 --hidden 5120 --vocab 151936
@@ -38,8 +44,11 @@ import pytest
 import torch
 
 from aepo.kernels import (
+    _cost,
     fused_linear_policy_loss,
     fused_policy_loss,
+    linear_gemm,
+    linear_single_pass,
     naive_linear_logprobs_and_entropy,
 )
 from aepo.objectives import policy_loss
@@ -56,8 +65,7 @@ LOSS_KW = {"objective": "aepo", "entropy_coef": 0.01}
 COMPUTES = {
     "naive": "AEPO loss with entropy bonus; autograd over the [N, V] logits and temporaries",
     "matmul+fused": "the same; [N, V] logits written, gradient written into them",
-    "aepo-linear": "the same; logits never materialised (CPU: gradients in the forward, "
-    "6NHV; CUDA: recomputed in the backward)",
+    "aepo-linear": "the same; logits never materialised, gradients in the forward (6NHV)",
     "aepo-linear-2pass": "the same, entropy statistics inside the loss: recomputed in the "
     "backward (8NHV)",
     "trl-chunked": "logp + entropy on chunked GEMMs, recomputed in the backward (8NHV); "
@@ -104,7 +112,7 @@ def loss(impl: str, x: torch.Tensor, w: torch.Tensor, case: Case) -> torch.Tenso
     args = (case.labels, case.old_logp, case.advantages, case.mask)
     stats = tuple(t.to(x.device) for t in ENTROPY_STATS)
     kw = LOSS_KW | {"entropy_stats": None if impl == "aepo-linear-2pass" else stats}
-    backend = "triton" if x.is_cuda else "torch"
+    backend = "auto"  # torch on CPU; on CUDA cuBLAS GEMMs + the Triton row kernels
     if impl == "naive":
         logp, ent = naive_linear_logprobs_and_entropy(x, w, case.labels)
         return policy_loss(logp, *args[1:], entropy=ent, **kw)[0]
@@ -133,8 +141,6 @@ def rounds(impl: str, case: Case):
 
 
 def skip_reason(impl: str, device: str) -> str | None:
-    if impl == "aepo-linear-2pass" and device == "cuda":
-        return "on CUDA aepo-linear already runs the recompute path"
     if impl in ("trl-chunked", "liger"):
         return peers.missing(impl)
     return None
@@ -179,6 +185,25 @@ def _cpu_peak_child(impl: str, n: int, h: int, vocab: int, dtype: str) -> None:
     print(json.dumps({"peak_extra_bytes": peak}))
 
 
+def model_fields(impl: str, n: int, h: int, vocab: int, dtype: torch.dtype) -> dict:
+    """Our paths' FLOP / byte model and its predicted time at the H200 ceilings (CUDA paths:
+    the triton backend); {} for the peers."""
+    if impl == "aepo-linear":
+        parts = [linear_single_pass.cost_model(n, h, vocab, dtype)]
+    elif impl == "aepo-linear-2pass":
+        parts = [
+            f(n, h, vocab, dtype) for f in (linear_gemm.cost_forward, linear_gemm.cost_backward)
+        ]
+    else:
+        return {}
+    return {
+        "model_flops": sum(p["flops"] for p in parts),
+        "model_bytes": sum(p["bytes"] for p in parts),
+        "model_ms": sum(_cost.roofline_ms(p) for p in parts),
+        "model_kernels": [k for p in parts for k in p["kernels"]],
+    }
+
+
 @functools.lru_cache(maxsize=1)  # one case alive at a time
 def _case(n: int, h: int, vocab: int, dtype: str, device: str) -> Case:
     return make_case(n, h, vocab, DTYPES[dtype], device)
@@ -207,6 +232,10 @@ def test_linear_loss(bench_cfg, hidden_size, record_row, vocab, impl):
     row |= {"n": cfg.n, "hidden": h, "vocab": vocab, "dtype": cfg.dtype, "device": cfg.device}
     row |= {"flops": flops, "peak_extra_bytes": peak, "device_name": device_name(cfg.device)}
     row |= {**t.as_dict(), "tflops": flops / t.device_ms / 1e9}
+    if cfg.device == "cuda":  # the model's ceilings are a GPU's
+        row |= model_fields(impl, cfg.n, h, vocab, DTYPES[cfg.dtype])
+    if "model_ms" in row:
+        row["model_ratio"] = t.device_ms / row["model_ms"]
     record_row(row)
 
 

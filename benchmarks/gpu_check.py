@@ -106,9 +106,7 @@ def stage_commands(name: str, ctx: Context) -> list[tuple[list[str], float]]:
         sweep = [ctx.python, "benchmarks/sweep_kernels.py", "--dtype", ctx.dtype]
         sweep += ["--rows", str(ctx.path("_sweep.jsonl"))]
         logits = [*sweep, "--kernel", "logits", "--n", str(ctx.n), "--vocab", str(ctx.vocabs[0])]
-        linear = [*sweep, "--kernel", "linear", "--n", str(min(ctx.n, 4096))]
-        linear += ["--hidden", str(ctx.hidden), "--vocab", str(ctx.vocabs[0])]
-        return [(logits, 1), (linear, 1)]
+        return [(logits, 1)]
     return []
 
 

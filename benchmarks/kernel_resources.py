@@ -1,9 +1,9 @@
 """Resource report of every shipped kernel launch configuration, for every GPU target.
 
 Runs the compile gate (:mod:`aepo.kernels.compile_gate`: no GPU needed) and writes
-``kernel_resources.md`` (one row per
-kernel variant and target: registers, spills, shared memory, and for CUDA the blocks per SM
-and occupancy those allow), and with ``--json PATH`` the full gate report. Exits 1 when a
+``kernel_resources.md`` (one row per kernel variant and target: registers, spills, shared
+memory, and for CUDA the blocks per SM and occupancy those allow and the main loop's SASS
+instructions per element), and with ``--json PATH`` the full gate report. Exits 1 when a
 kernel does not compile.
 
     python benchmarks/kernel_resources.py [--out benchmarks/results] [--json report.json]
@@ -22,13 +22,23 @@ from aepo.kernels._resources import spilled
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def _loop_cell(res: dict) -> str:
+    """ "per element (instructions)" of the main loop, "(instructions)" without an element
+    count for the kernel, "-" without a loop."""
+    n, per = res.get("loop_instructions"), res.get("loop_per_element")
+    if not n:
+        return "-"
+    return f"{per:.2f} ({n})" if per else f"({n})"
+
+
 def _cuda_row(r: dict) -> str:
     res, v = r["resources"], r["variant"]
     smem = res["shared_static"] + res["shared_dynamic"]
     return (
         f"| {v['target']} | {r['label']} | {', '.join(r['divisible']) or '-'} | "
         f"{res['registers']} | {spilled(res)} | {res['stack']} | {smem} | "
-        f"{res['blocks_per_sm']} | {100 * res['occupancy']:.1f}% ({res['occupancy_limiter']}) |"
+        f"{res['blocks_per_sm']} | {100 * res['occupancy']:.1f}% ({res['occupancy_limiter']}) | "
+        f"{_loop_cell(res)} |"
     )
 
 
@@ -37,7 +47,7 @@ def _amd_row(r: dict) -> str:
     return (
         f"| {v['target']} | {r['label']} | {', '.join(r['divisible']) or '-'} | "
         f"{res['vgprs']} v / {res['sgprs']} s | {res['vgpr_spills'] + res['sgpr_spills']} | "
-        f"{res['scratch']} | {res['lds']} | - | {res['waves_per_simd']} waves/SIMD |"
+        f"{res['scratch']} | {res['lds']} | - | {res['waves_per_simd']} waves/SIMD | - |"
     )
 
 
@@ -52,12 +62,16 @@ def render(report: dict) -> str:
         "multiples of 16, listed in the third column) and target. CUDA: registers per thread, "
         "spilled bytes per thread (stack frame + local memory: Triton's spills land in the stack "
         "frame, cuobjdump's LOCAL stays 0), stack, shared memory per block (static + "
-        "dynamic), resident blocks per SM and occupancy with its limiter. ROCm: VGPRs / SGPRs, "
-        "spilled registers, scratch and LDS bytes, the compiler's waves per SIMD.",
+        "dynamic), resident blocks per SM and occupancy with its limiter, and the SASS "
+        "instructions of the main loop (the longest innermost loop that reads global memory, "
+        "from `cuobjdump --dump-sass`) per element one thread handles in an iteration (the "
+        "logits kernels: BLOCK_V / threads), with the loop's instruction count in brackets. "
+        "ROCm: VGPRs / SGPRs, spilled registers, scratch and LDS bytes, the compiler's waves "
+        "per SIMD.",
         "",
         "| target | kernel [dtypes; constexprs; warps] | 16-divisible ints | registers | "
-        "spills B | stack B | shared B | blocks/SM | occupancy |",
-        "|---|---|---|---:|---:|---:|---:|---:|---|",
+        "spills B | stack B | shared B | blocks/SM | occupancy | loop SASS / element |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     ok = [r for r in report["results"] if r["ok"]]
     for r in sorted(ok, key=lambda r: (r["variant"]["target"], r["label"])):

@@ -33,6 +33,12 @@ def _cell(value, fmt: str) -> str:
     return "" if value is None else format(value, fmt)
 
 
+def _model_cell(ops: dict) -> str:
+    """Measured over modelled time (bench_kernels.model_ms), as "fwd / bwd"; "" without."""
+    ratios = [ops.get(op, {}).get("x_model") for op in ("fwd", "bwd")]
+    return "" if ratios == [None, None] else " / ".join(_cell(r, ".2f") or "-" for r in ratios)
+
+
 def render_kernels(key: tuple, impls: dict) -> list[str]:
     _, device, n, vocab, dtype, _ = key
     naive_loss = impls.get("naive", {}).get("loss", {}).get("device_ms")
@@ -40,8 +46,8 @@ def render_kernels(key: tuple, impls: dict) -> list[str]:
         f"## N={n} V={vocab} {dtype} on {device}",
         "",
         "| impl | fwd ms | bwd ms | loss ms | loss host ms | loss x naive | fwd x floor | "
-        "bwd x floor | loss x floor | peak extra MiB (loss) | computes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "bwd x floor | loss x floor | fwd / bwd x model | peak extra MiB (loss) | computes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for impl, ops in impls.items():
         get = lambda op, k, ops=ops: ops.get(op, {}).get(k)
@@ -55,12 +61,18 @@ def render_kernels(key: tuple, impls: dict) -> list[str]:
             f"{_cell(loss_ms, '.3f')} | {_cell(get('loss', 'host_ms'), '.3f')} | "
             f"{_cell(rel, '.2f')} | {_cell(get('fwd', 'x_floor'), '.2f')} | "
             f"{_cell(get('bwd', 'x_floor'), '.2f')} | {_cell(get('loss', 'x_floor'), '.2f')} | "
-            f"{_cell(None if peak is None else peak / 2**20, '.0f')} | "
+            f"{_model_cell(ops)} | {_cell(None if peak is None else peak / 2**20, '.0f')} | "
             f"{next(iter(ops.values()))['computes']} |"
         )
     bw = next(iter(next(iter(impls.values())).values())).get("copy_bandwidth_GBps")
     if bw:
         lines += ["", f"Floors from a measured device copy bandwidth of {bw:.0f} GB/s."]
+    if any(r.get("x_model") for ops in impls.values() for r in ops.values()):
+        lines += [
+            "Model: `aepo.kernels.logprob_entropy.cost_model` (H200: 4.3 TB/s, 3.35e13 "
+            "thread instructions/s, 4.18e12 exp2/s; the largest of the bytes, FLOP, exp2 and "
+            "SASS-instruction times)."
+        ]
     return [*lines, ""]
 
 
@@ -72,15 +84,16 @@ def render_linear(key: tuple, impls: dict) -> list[str]:
         f"## N={n} H={hidden} V={vocab} {dtype} on {device}: policy loss fwd+bwd",
         "",
         "| impl | ms | host ms | x naive | TFLOP/s (8NHV) | peak extra MiB (w/o dX, dW) | "
-        "computes |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "model ms (H200 roofline) | computes |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for impl, ops in impls.items():
         r = ops["loss"]
         rel = r["device_ms"] / naive if naive else None
         lines.append(
             f"| {impl} | {r['device_ms']:.1f} | {r['host_ms']:.1f} | {_cell(rel, '.2f')} | "
-            f"{r['tflops']:.3f} | {r['peak_extra_bytes'] / 2**20:.0f} | {r['computes']} |"
+            f"{r['tflops']:.3f} | {r['peak_extra_bytes'] / 2**20:.0f} | "
+            f"{_cell(r.get('model_ms'), '.1f')} | {r['computes']} |"
         )
     return [*lines, ""]
 

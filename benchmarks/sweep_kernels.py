@@ -1,8 +1,8 @@
 """Sweep of the kernels' launch configurations on a CUDA GPU (a ``make gpu-check`` stage).
 
 ``--kernel logits``: (BLOCK_V, num_warps) of the logits kernels, set through
-``logprob_entropy.GPU_CONFIGS``; ``--kernel linear``: the tiles, warps and stages of the
-hidden-state kernels, set through ``linear_triton.GPU_CONFIG``. Forward and backward are timed
+``logprob_entropy.GPU_CONFIGS``. The hidden-state path has no kernel of its own to sweep: it
+runs cuBLAS GEMMs and these kernels (``aepo.kernels.linear_gemm``). Forward and backward are timed
 through the backends' own entry points with ``timing.measure`` (CUDA events with the queue
 pre-filled, median of 10); the best configuration is reported next to the shipped default. Each
 configuration's row is appended to ``--rows`` (JSON lines) as soon as it is timed, so a run
@@ -11,7 +11,6 @@ launch is recorded with its error. The grids hold only configurations that compi
 spills on sm_90 (``tests/bench/test_sweep_resources.py``).
 
     python benchmarks/sweep_kernels.py --kernel logits --n 16384 --vocab 151936 --rows s.jsonl
-    python benchmarks/sweep_kernels.py --kernel linear --n 4096 --hidden 5120 --rows s.jsonl
 """
 
 from __future__ import annotations
@@ -32,21 +31,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOGITS_GRID = [
     {"BLOCK_V": b, "num_warps": w}
     for b, w in itertools.product((2048, 4096, 8192, 16384), (4, 8, 16))
-]
-# Only configurations that compile without spills on sm_90 (tests/bench/test_sweep_resources.py):
-# BLOCK_N x BLOCK_V of 128x128 and up, 64x256, or 128x64 on 4 warps spill at the 255-register
-# cap (16 warps: at their 128-register cap).
-LINEAR_GRID = [
-    {"BLOCK_N": n, "BLOCK_V": v, "BLOCK_H": h, "num_warps": w, "num_stages": s}
-    for n, v, h, w, s in (
-        (64, 128, 64, 8, 3),  # the shipped default
-        (64, 128, 64, 8, 4),
-        (64, 128, 32, 8, 4),
-        (64, 128, 128, 8, 2),
-        (128, 64, 64, 8, 3),
-        (64, 64, 64, 4, 3),
-        (64, 64, 64, 8, 3),
-    )
 ]
 
 
@@ -117,37 +101,6 @@ def sweep_logits(n: int, vocab: int, dtype: str, path: Path | None = None) -> di
     return {**head, "default": shipped, "best": _best(rows), "rows": rows}
 
 
-def sweep_linear(n: int, hidden: int, vocab: int, dtype: str, path: Path | None = None) -> dict:
-    from aepo.kernels import linear_triton as lt
-    from aepo.kernels.reference import finish_pieces
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n, hidden, generator=gen, device="cuda").to(DTYPES[dtype])
-    w = (torch.randn(vocab, hidden, generator=gen, device="cuda") / hidden**0.5).to(x.dtype)
-    local = torch.randint(0, vocab, (n,), generator=gen, device="cuda")
-    g = torch.randn(n, generator=gen, device="cuda")
-    default = dict(lt.GPU_CONFIG)
-    flops = 2 * n * hidden * vocab  # one logits matmul
-
-    def timed(config):
-        lt.GPU_CONFIG.update(config)
-        try:
-            valid = torch.ones(n, dtype=torch.bool, device="cuda")
-            _, ent, m, log_s = finish_pieces(*lt.linear_forward(x, w, local, 1.0), valid)
-            fwd_ms = _median_ms(lambda: lt.linear_forward(x, w, local, 1.0))
-            bwd = lambda: lt.linear_backward(x, w, local, m, log_s, ent, g, g, 1.0)
-            bwd_ms = _median_ms(bwd)
-            tflops = {"fwd_tflops": flops / fwd_ms / 1e9, "bwd_tflops": 3 * flops / bwd_ms / 1e9}
-            return {"fwd_ms": fwd_ms, "bwd_ms": bwd_ms, **tflops}
-        finally:
-            lt.GPU_CONFIG.clear()
-            lt.GPU_CONFIG.update(default)
-
-    head = {"kernel": "linear", "n": n, "hidden": hidden, "vocab": vocab, "dtype": dtype}
-    rows = _run_grid(LINEAR_GRID, timed, head, default, path)
-    return {**head, "default": default, "best": _best(rows), "rows": rows}
-
-
 def render(result: dict) -> list[str]:
     """Markdown of one sweep result (either kernel family)."""
     keys = list(result["default"])
@@ -180,19 +133,15 @@ def render(result: dict) -> list[str]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernel", choices=("logits", "linear"), default="logits")
+    p.add_argument("--kernel", choices=("logits",), default="logits")
     p.add_argument("--n", type=int, default=16384)
-    p.add_argument("--hidden", type=int, default=5120, help="H (linear kernels)")
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     p.add_argument("--rows", type=Path, help="append each configuration's row (JSON lines)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("the sweep times compiled kernels: it needs a CUDA GPU")
-    if args.kernel == "logits":
-        result = sweep_logits(args.n, args.vocab, args.dtype, args.rows)
-    else:
-        result = sweep_linear(args.n, args.hidden, args.vocab, args.dtype, args.rows)
+    result = sweep_logits(args.n, args.vocab, args.dtype, args.rows)
     print("\n".join(render(result)))
     return 0
 

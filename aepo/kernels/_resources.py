@@ -2,8 +2,10 @@
 
 CUDA: ``cuobjdump --dump-resource-usage`` on the cubin (registers per thread, stack, local
 memory = spills and local arrays, static shared memory) plus Triton's dynamic shared memory,
-and the blocks per SM those allow. ROCm: the AMDGPU assembly's metadata (VGPRs, SGPRs, spill
-counts, scratch, LDS) and the compiler's own occupancy (waves per SIMD).
+and the blocks per SM those allow; from ``--dump-sass``, the size of the main loop (SASS
+instructions per iteration and the bytes one thread loads in it). ROCm: the AMDGPU assembly's
+metadata (VGPRs, SGPRs, spill counts, scratch, LDS) and the compiler's own occupancy (waves per
+SIMD).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def of_compiled(compiled, target: str, num_warps: int) -> dict:
         found["shared_dynamic"] = int(compiled.metadata.shared)
         smem = found["shared_static"] + found["shared_dynamic"]
         found.update(cuda_occupancy(found["registers"], smem, num_warps, int(target[3:])))
+        found.update(loop_resources(cuda_sass(compiled.asm["cubin"])))
         return found
     return amd_resources(compiled.asm["amdgcn"])
 
@@ -127,3 +130,82 @@ def amd_resources(amdgcn: str) -> dict:
         found[name] = int(match.group(1))
     found["local"] = found["scratch"]
     return found
+
+
+# One SASS instruction as cuobjdump prints it: "/*05e0*/  @!P0 LDG.E.128 R4, desc[..] ;".
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_SASS_BRANCH = re.compile(r"(0x[0-9a-f]+)\s*$")  # "0x5e0", "!UP0, 0xd30" (sm_100's BRA.U)
+_LDG_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+def cuda_sass(cubin: bytes) -> str:
+    """``cuobjdump --dump-sass`` of a cubin (one Triton kernel per cubin)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run(
+            [cuobjdump_path(), "--dump-sass", f.name], capture_output=True, text=True, check=True
+        ).stdout
+
+
+def parse_sass(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of each instruction of a one-kernel SASS dump."""
+    found = []
+    for line in sass.splitlines():
+        match = _SASS_LINE.match(line)
+        if match:
+            found.append((int(match.group(1), 16), match.group(3), match.group(4).strip()))
+    return found
+
+
+def _ldg_bytes(opcode: str) -> int:
+    """Bytes one thread reads with a global load ("LDG.E.128" -> 16, "LDG.E" -> 4)."""
+    sizes = [_LDG_BYTES[part] for part in opcode.split(".")[1:] if part in _LDG_BYTES]
+    return sizes[0] if sizes else 4
+
+
+def sass_loops(sass: str) -> list[dict]:
+    """The loops of a SASS dump, one per backward branch (``BRA`` to an earlier or the same
+    address): start / end addresses, instructions, global load and store counts and the bytes
+    one thread loads per iteration, and whether another loop lies inside (``innermost``)."""
+    code = parse_sass(sass)
+    loops = []
+    for addr, op, args in code:
+        target = _SASS_BRANCH.search(args) if op.startswith("BRA") else None
+        if target is None or int(target.group(1), 16) > addr:
+            continue
+        start = int(target.group(1), 16)
+        body = [(a, o) for a, o, _ in code if start <= a <= addr]
+        loops.append(
+            {
+                "start": start,
+                "end": addr,
+                "instructions": len(body),
+                "loads": sum(o.startswith("LDG") for _, o in body),
+                "stores": sum(o.startswith("STG") for _, o in body),
+                "load_bytes": sum(_ldg_bytes(o) for _, o in body if o.startswith("LDG")),
+            }
+        )
+    for loop in loops:
+        loop["innermost"] = not any(
+            other is not loop and loop["start"] <= other["start"] and other["end"] <= loop["end"]
+            for other in loops
+        )
+    return loops
+
+
+def main_loop(sass: str) -> dict | None:
+    """The hot loop: of the innermost loops that read global memory, the longest; None when
+    no loop reads global memory (a kernel without a main loop)."""
+    hot = [loop for loop in sass_loops(sass) if loop["innermost"] and loop["loads"]]
+    return max(hot, key=lambda loop: loop["instructions"]) if hot else None
+
+
+def loop_resources(sass: str) -> dict:
+    """``loop_instructions`` and ``loop_load_bytes`` (per thread) of :func:`main_loop`, None
+    without one."""
+    loop = main_loop(sass)
+    return {
+        "loop_instructions": loop and loop["instructions"],
+        "loop_load_bytes": loop and loop["load_bytes"],
+    }

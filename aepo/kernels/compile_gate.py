@@ -175,10 +175,30 @@ def compile_variant(variant: Variant) -> Result:
         target = GPUTarget(*TARGETS[variant.target])
         compiled = triton.compile(src, target=target, options=dict(variant.options))
         resources = _resources.of_compiled(compiled, variant.target, variant.options["num_warps"])
+        resources["loop_per_element"] = loop_per_element(variant, resources)
     except Exception as exc:  # the gate reports every compiler failure, of any type
         message = f"{type(exc).__name__}: {exc}".strip()
         return Result(variant, False, message[-4000:], time.perf_counter() - start)
     return Result(variant, True, "", time.perf_counter() - start, resources)
+
+
+def loop_elements(variant: Variant) -> int | None:
+    """Elements one thread handles per main-loop iteration, for kernels whose module names the
+    constexpr that sizes the iteration: ``SASS_LOOP_BLOCK = {kernel: "BLOCK_V"}`` (BLOCK_V
+    elements per program per iteration, spread over its threads); None for other kernels."""
+    block = getattr(importlib.import_module(variant.module), "SASS_LOOP_BLOCK", {})
+    if variant.kernel not in block:
+        return None
+    threads = TARGETS[variant.target][2] * variant.options["num_warps"]
+    return max(variant.constexprs[block[variant.kernel]] // threads, 1)
+
+
+def loop_per_element(variant: Variant, resources: dict) -> float | None:
+    """SASS instructions of the main loop per element (:func:`loop_elements`), CUDA only."""
+    elements = loop_elements(variant)
+    if not elements or not resources.get("loop_instructions"):
+        return None
+    return resources["loop_instructions"] / elements
 
 
 def run_gate(targets=tuple(TARGETS), extra_modules=(), jobs: int = 2) -> dict:
@@ -233,17 +253,16 @@ def _compile_all(variants: list[Variant], jobs: int) -> list[Result]:
 
 
 # The shapes benchmarks/sweep_kernels.py times (as make gpu-check runs it): rows, V, H.
-SWEEP_SHAPES = {"logits": (16384, 151936, 0), "linear": (4096, 151936, 5120)}
+SWEEP_SHAPES = {"logits": (16384, 151936, 0)}
 
 
 @contextlib.contextmanager
 def sweep_override(family: str, config: dict, element_size: int):
     """Apply one sweep configuration the way benchmarks/sweep_kernels.py does, then restore.
 
-    ``logits``: ``{"BLOCK_V", "num_warps"}`` into ``logprob_entropy.GPU_CONFIGS[element_size]``;
-    ``linear``: any keys of ``linear_triton.GPU_CONFIG`` (tiles, num_warps, num_stages).
+    ``logits``: ``{"BLOCK_V", "num_warps"}`` into ``logprob_entropy.GPU_CONFIGS[element_size]``
+    (the only family: the hidden-state path runs cuBLAS GEMMs and these kernels).
     """
-    from aepo.kernels import linear_triton as lt
     from aepo.kernels import logprob_entropy as le
 
     if family == "logits":
@@ -253,40 +272,25 @@ def sweep_override(family: str, config: dict, element_size: int):
             yield
         finally:
             le.GPU_CONFIGS[element_size] = saved
-    elif family == "linear":
-        saved = dict(lt.GPU_CONFIG)
-        lt.GPU_CONFIG.update(config)
-        try:
-            yield
-        finally:
-            lt.GPU_CONFIG.clear()
-            lt.GPU_CONFIG.update(saved)
     else:
-        raise ValueError(f"unknown kernel family {family!r} (logits or linear)")
+        raise ValueError(f"unknown kernel family {family!r} (logits)")
 
 
 def record_sweep(family: str, config: dict, dtype=torch.bfloat16) -> list[_launch.Launch]:
     """The launches one sweep configuration times: forward and backward (both upstream
     gradients) through the same entry points as the sweep, at :data:`SWEEP_SHAPES`, on meta
     tensors (shapes, strides and dtypes without memory; nothing runs)."""
-    from aepo.kernels import linear_triton as lt
     from aepo.kernels import logprob_entropy as le
 
-    n, vocab, hidden = SWEEP_SHAPES[family]
+    n, vocab, _ = SWEEP_SHAPES[family]
     meta = {"device": "meta"}
     g, m, log_s, ent = (torch.empty(n, **meta) for _ in range(4))  # [N] fp32 each
     labels = torch.empty(n, dtype=torch.int64, **meta)
     with sweep_override(family, config, dtype.itemsize), _launch.record_launches(False) as log:
-        if family == "logits":
-            logits = torch.empty(n, vocab, dtype=dtype, **meta)
-            le.logprobs_entropy_fwd(logits, labels, 1.0, -100, False)
-            grad = torch.empty_like(logits)
-            le.logprobs_entropy_bwd(logits, labels, m, log_s, ent, g, g, grad, 1.0, -100)
-        else:
-            x = torch.empty(n, hidden, dtype=dtype, **meta)
-            w = torch.empty(vocab, hidden, dtype=dtype, **meta)
-            lt.linear_forward(x, w, labels, 1.0)
-            lt.linear_backward(x, w, labels, m, log_s, ent, g, g, 1.0)
+        logits = torch.empty(n, vocab, dtype=dtype, **meta)
+        le.logprobs_entropy_fwd(logits, labels, 1.0, -100, False)
+        grad = torch.empty_like(logits)
+        le.logprobs_entropy_bwd(logits, labels, m, log_s, ent, g, g, grad, 1.0, -100)
     return log
 
 

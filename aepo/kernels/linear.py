@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from aepo.kernels import _launch, linear_torch
+from aepo.kernels import _launch, linear_gemm, linear_single_pass, linear_torch
 from aepo.kernels._checks import (
     check_hidden_weight,
     check_labels,
@@ -36,11 +36,8 @@ from aepo.objectives import aggregation_weights, per_token_gradients, policy_los
 
 
 def _backend_module(backend: str):
-    if backend == "triton":
-        from aepo.kernels import linear_triton
-
-        return linear_triton
-    return linear_torch
+    """The module of a resolved backend: "triton" is cuBLAS GEMMs + the Triton row kernels."""
+    return linear_gemm if backend == "triton" else linear_torch
 
 
 def shard_layout(weight: torch.Tensor, process_group) -> tuple[int, int]:
@@ -122,14 +119,16 @@ def linear_logprobs_and_entropy(
         temperature: logits / temperature (> 0).
         ignore_index: rows to skip: dropped before any matmul, 0 out, zero gradient (under
             torch.compile, whose shapes cannot depend on the labels, computed and masked).
-        backend: "triton", "torch" (chunked plain torch) or "auto" (triton on CUDA, torch on
-            CPU unless TRITON_INTERPRET=1).
+        backend: "triton" (chunked cuBLAS GEMMs with fp32 logits, the Triton logits kernels
+            for the softmax work: :mod:`aepo.kernels.linear_gemm`), "torch" (chunked plain
+            torch) or "auto" (triton on CUDA, torch on CPU unless TRITON_INTERPRET=1).
         process_group: a vocab-parallel group, or None.
     Returns:
         (logp, entropy), each [...] float32 (float64 for float64 inputs), differentiable with
         respect to ``hidden`` and ``weight`` (entropy included).
     Memory: no [N, V] tensor. Saves (m, log s, H) per kept row; the backward allocates dX in
-    fp32 [N, H], dW like ``weight`` and bounded tile workspaces.
+    fp32 [N, H], dW like ``weight`` and a bounded workspace (triton: 2 GiB of [N, Vs] slices;
+    torch: a few [512, 4096] chunks and one [4096, H] dW chunk).
     ZeRO-3: call it as the lm_head module's forward (as ``aepo train`` does), so that the
     weight is gathered around the forward and the backward and its gradient is accumulated
     while it is whole.
@@ -203,17 +202,19 @@ def fused_linear_policy_loss(
     Returns:
         (loss, metrics): equal in value and gradient to
         ``policy_loss(*linear_logprobs_and_entropy(hidden, weight, labels), ...)``.
-    Single pass: on the torch backend, for an fp32 / fp64 weight, without ``process_group``,
-    and when every token's gradient is its own (:func:`aepo.objectives.per_token_gradients`:
-    anything but AEPO's entropy-aware advantage without ``entropy_stats``; the trainer always
-    passes them), the loss and its gradients are computed together in the forward
-    (:func:`aepo.kernels.linear_torch.linear_loss_single_pass`: 6 N H V FLOPs instead of
-    8 N H V) and the backward only scales them by dL.
+    Single pass: without ``process_group`` and when every token's gradient is its own
+    (:func:`aepo.objectives.per_token_gradients`: anything but AEPO's entropy-aware advantage
+    without ``entropy_stats``; the trainer always passes them), on either backend and any
+    weight dtype, the loss and its gradients are computed together in the forward
+    (:func:`aepo.kernels.linear_single_pass.linear_loss_single_pass`: 6 N H V FLOPs instead of
+    8 N H V) and the backward only scales them by dL. Its extra memory: one block's buffers
+    (triton: 2 GiB; torch: 128 MiB) and, for a bf16 / fp16 weight with more rows than one
+    block holds, an fp32 [V, H] dW accumulator (4 V H bytes: 3.1 GB at V = 152064, H = 5120).
     """
     labels = mask_to_labels(mask, labels)
-    if _single_pass(hidden, weight, backend, process_group, policy_loss_kwargs):
+    if _single_pass(hidden, weight, process_group, policy_loss_kwargs):
         tokens = (labels, old_logp, advantages, mask)
-        return _single_pass_loss(hidden, weight, *tokens, temperature, policy_loss_kwargs)
+        return _single_pass_loss(hidden, weight, *tokens, temperature, backend, policy_loss_kwargs)
     logp, entropy = linear_logprobs_and_entropy(
         hidden,
         weight,
@@ -225,29 +226,28 @@ def fused_linear_policy_loss(
     return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **policy_loss_kwargs)
 
 
-def _single_pass(hidden, weight, backend, process_group, loss_kwargs) -> bool:
+def _single_pass(hidden, weight, process_group, loss_kwargs) -> bool:
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return (
         wants_grad
         and not torch.compiler.is_compiling()  # it calls torch.autograd.grad in the forward
         and process_group is None
-        and weight.dtype == accumulator_dtype(weight.dtype)
-        and resolve_backend(backend, hidden) == "torch"
         and per_token_gradients(**loss_kwargs)
     )
 
 
-def _single_pass_loss(hidden, weight, labels, old_logp, advantages, mask, temperature, kw):
+def _single_pass_loss(hidden, weight, labels, old_logp, advantages, mask, temperature, backend, kw):
     """The loss with its d hidden / d weight computed in the forward (see
     :func:`fused_linear_policy_loss`)."""
     with torch.no_grad():  # every argument checked before the expensive pass
         zeros = torch.zeros(mask.shape, dtype=accumulator_dtype(hidden.dtype), device=mask.device)
         policy_loss(zeros, old_logp, advantages, mask, entropy=zeros, **kw)
-    inv_t, _, keep, x, local = _kept_rows(hidden, weight, labels, temperature, -100, "torch", None)
+    rows = _kept_rows(hidden, weight, labels, temperature, -100, backend, None)
+    inv_t, backend, keep, x, local = rows
     token_grads = _block_gradients(keep, old_logp, advantages, mask, kw)
-    need_dw = weight.requires_grad
-    logp_k, ent_k, dx, dw = linear_torch.linear_loss_single_pass(
-        x.detach(), weight.detach(), local, inv_t, token_grads, need_dw
+    need_dw, impl = weight.requires_grad, _backend_module(backend)
+    logp_k, ent_k, dx, dw = linear_single_pass.linear_loss_single_pass(
+        x.detach(), weight.detach(), local, inv_t, token_grads, need_dw, impl
     )
     logp, entropy = _scatter(logp_k, keep, mask.shape), _scatter(ent_k, keep, mask.shape)
     with torch.no_grad():
@@ -257,7 +257,7 @@ def _single_pass_loss(hidden, weight, labels, old_logp, advantages, mask, temper
 
 
 def _block_gradients(keep, old_logp, advantages, mask, kw):
-    """``token_grads`` of :func:`~aepo.kernels.linear_torch.linear_loss_single_pass`: the
+    """``token_grads`` of :func:`~aepo.kernels.linear_single_pass.linear_loss_single_pass`: the
     objective on one block of kept tokens, summed (agg="constant", normalizer 1), its per-token
     gradients times the whole batch's aggregation weights."""
     pick = lambda t: t.expand(mask.shape).reshape(-1).index_select(0, keep)
@@ -318,9 +318,9 @@ class _PrecomputedGradient(torch.autograd.Function):
 
 @_launch.gate_exercise
 def _gate_exercise(dtype: torch.dtype) -> None:
-    """Forward (two vocabulary splits) and the backward with a gradient on logp / entropy /
-    both. Only H is specialised by Triton (the kernels opt out for N and V): H = 64, as in
-    every real model (a multiple of 16)."""
+    """The row kernels as the triton backend launches them (fp32 logits blocks; dz in the
+    weight's dtype): the recompute path's forward and its backward with a gradient on logp /
+    entropy / both, and the single pass."""
     for n, h, v in ((17, 64, 4353),):
         hidden, weight = torch.zeros(n, h, dtype=dtype), torch.zeros(v, h, dtype=dtype)
         labels = torch.zeros(n, dtype=torch.long)
@@ -328,3 +328,7 @@ def _gate_exercise(dtype: torch.dtype) -> None:
             x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
             outs = linear_logprobs_and_entropy(x, w, labels, backend="triton")
             torch.autograd.grad(sum(outs[i].sum() for i in wrt), (x, w))
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        zeros, ones = torch.zeros(n), torch.ones(n)
+        loss, _ = fused_linear_policy_loss(x, w, labels, zeros, ones, ones, backend="triton")
+        torch.autograd.grad(loss, (x, w))

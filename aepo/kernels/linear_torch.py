@@ -9,18 +9,12 @@ accumulates dz^T X_r into dW_c, written once into dW (in the weight's dtype: no 
 buffer). Peak extra memory: a few [ROW_CHUNK, VOCAB_CHUNK] and one [VOCAB_CHUNK, H] buffer in
 the accumulator dtype, plus dX [N, H].
 
-:func:`linear_loss_single_pass` is the training path of
-:func:`~aepo.kernels.fused_linear_policy_loss` when every token's loss gradient depends on that
-token alone (the objective's aggregation weights aside): rows-outer over whole vocabulary rows,
-it computes z = X_r W^T once, takes the row statistics, asks the objective for the rows'
-(dL/dlogp, dL/dH), turns z into dL/dlogits in place and adds dz W and dz^T X_r at once: three
-GEMMs, 6 N H V FLOPs, against the recompute path's 8 N H V. Peak extra memory: two
-[LOSS_ROWS, V] accumulator-dtype buffers (rows sized by LOSS_BUFFER_BYTES) and the outputs.
+:func:`loss_block` is this backend's row block of the 6NHV single pass
+(:mod:`aepo.kernels.linear_single_pass`): in place on z, one exp per element, with two
+[rows, V] accumulator-dtype buffers (rows sized by LOSS_BUFFER_BYTES).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 
@@ -28,9 +22,7 @@ from aepo.kernels.reference import accumulator_dtype, backward_rows, merge_piece
 
 VOCAB_CHUNK = 4096
 ROW_CHUNK = 512
-LOSS_BUFFER_BYTES = 128 << 20  # the single pass's two [rows, V] buffers together
-
-TokenGrads = Callable[[slice, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+LOSS_BUFFER_BYTES = 128 << 20  # the single pass's [rows, V] buffers together
 
 
 def _chunk_labels(local: torch.Tensor, start: int, width: int) -> torch.Tensor:
@@ -103,13 +95,6 @@ def linear_backward(
     return dx, dw
 
 
-def loss_rows(vocab: int, dtype: torch.dtype) -> int:
-    """Rows per step of :func:`linear_loss_single_pass`: two [rows, vocab] buffers fit in
-    LOSS_BUFFER_BYTES (at least 16 rows)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(16, LOSS_BUFFER_BYTES // (2 * vocab * itemsize))
-
-
 def _softmax_rows(z: torch.Tensor, local: torch.Tensor):
     """In place on the [R, V] scaled logits z: z becomes log p. Returns (logp [R], H [R], p).
 
@@ -140,42 +125,22 @@ def _grad_rows_(log_p, p, local, entropy, g_lp, g_h):
     return grad.scatter_add_(-1, local.unsqueeze(-1), g_lp)
 
 
-def linear_loss_single_pass(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    labels: torch.Tensor,
-    inv_temperature: float,
-    token_grads: TokenGrads,
-    need_dw: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(logp [N], entropy [N], dX [N, H], dW [V, H] or None) in one pass over the rows.
+def loss_block(z, labels, inv_temperature, token_grads, rows, dz_dtype):
+    """One block of the single pass (:mod:`aepo.kernels.linear_single_pass`), in place on the
+    block's unscaled logits z [R, V] (accumulator dtype): (logp [R], H [R], dL/dlogits [R, V]
+    in ``dz_dtype``; z itself when that is z's dtype). Extra memory: p [R, V] while z becomes
+    log p and then dz, and the ``dz_dtype`` copy for a 16-bit weight."""
+    if inv_temperature != 1.0:
+        z.mul_(inv_temperature)
+    logp, entropy, p = _softmax_rows(z, labels)
+    g_lp, g_h = token_grads(rows, logp, entropy)
+    scale = lambda g: None if g is None else g.to(z.dtype) * inv_temperature  # dz/dlogits = 1/T
+    dz = _grad_rows_(z, p, labels, entropy, scale(g_lp), scale(g_h))
+    del p
+    return logp, entropy, dz.to(dz_dtype)
 
-    Args:
-        x: [N, H] kept hidden rows; w: [V, H] the whole vocabulary, in the accumulator dtype
-            (fp32 / fp64: dW accumulates in place over the row blocks); labels: [N] in [0, V).
-        token_grads: ``(rows, logp [R], entropy [R]) -> (dL/dlogp [R], dL/dH [R] or None)``
-            for the block ``rows`` of x: the objective's per-token gradients, which must not
-            depend on other rows.
-        need_dw: False skips the dW GEMM (a frozen weight).
-    """
-    n, acc = x.shape[0], accumulator_dtype(x.dtype)
-    if w.dtype != acc:
-        raise TypeError(f"the single pass accumulates dW in the weight: got {w.dtype}")
-    logp, entropy = (torch.empty(n, dtype=acc, device=x.device) for _ in range(2))
-    dx = torch.empty(n, x.shape[1], dtype=acc, device=x.device)
-    dw = torch.zeros_like(w) if need_dw else None
-    step = loss_rows(w.shape[0], acc)
-    for r0 in range(0, n, step):
-        r = slice(r0, r0 + step)
-        xr = x[r].to(acc)
-        z = (xr * inv_temperature) @ w.T  # [R, V] logits / T
-        logp[r], entropy[r], p = _softmax_rows(z, labels[r])
-        g_lp, g_h = token_grads(r, logp[r], entropy[r])
-        scale = lambda g: None if g is None else g.to(acc) * inv_temperature  # dz/dlogits = 1/T
-        dz = _grad_rows_(z, p, labels[r], entropy[r], scale(g_lp), scale(g_h))
-        del p
-        torch.mm(dz, w, out=dx[r])
-        if dw is not None:
-            dw.addmm_(dz.T, xr)
-        del z, dz  # before the next block's z is allocated
-    return logp, entropy, dx, dw
+
+def loss_block_bytes(acc: torch.dtype, dz_dtype: torch.dtype) -> int:
+    """Bytes per element of a :func:`loss_block` block: z and p, plus a 16-bit dz."""
+    size = lambda t: torch.empty((), dtype=t).element_size()
+    return 2 * size(acc) + (0 if dz_dtype == acc else size(dz_dtype))

@@ -39,7 +39,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     assert "-m cuda tests" in proc.stdout
     assert proc.stdout.count("benchmarks/bench_kernels.py") == 2  # one run per vocabulary
     assert "--vocab 151936" in proc.stdout and "--dtype bf16" in proc.stdout
-    assert "--kernel logits" in proc.stdout and "--kernel linear" in proc.stdout
+    assert "--kernel logits" in proc.stdout and "--kernel linear" not in proc.stdout
     assert "benchmarks/bench_linear.py" in proc.stdout and "--hidden 5120" in proc.stdout
     assert proc.stdout.count("--rows=") == 3 and "_sweep.jsonl" in proc.stdout
     assert list(tmp_path.iterdir()) == []
@@ -260,16 +260,16 @@ def test_collecting_the_cuda_tests_needs_no_vllm_deepspeed_or_liger():
     assert "error" not in proc.stdout.lower().split("short test summary")[0]
 
 
-def test_sweep_render_linear_format():
-    default = dict(sweep_kernels.LINEAR_GRID[0])
-    good = {**default, "fwd_ms": 2.0, "bwd_ms": 6.0, "fwd_tflops": 410.0, "bwd_tflops": 400.0}
-    bad = {**sweep_kernels.LINEAR_GRID[1], "error": "OutOfResources: shared memory"}
-    result = {"kernel": "linear", "n": 4096, "hidden": 5120, "vocab": 151936, "dtype": "bf16"}
+def test_sweep_render_format():
+    default = dict(sweep_kernels.LOGITS_GRID[0])
+    good = {**default, "fwd_ms": 2.0, "bwd_ms": 6.0}
+    bad = {**sweep_kernels.LOGITS_GRID[1], "error": "OutOfResources: shared memory"}
+    result = {"kernel": "logits", "n": 16384, "vocab": 151936, "dtype": "bf16"}
     result |= {"default": default, "rows": [good, bad], "best": {"fwd": good, "bwd": good}}
     md = "\n".join(sweep_kernels.render(result))
-    assert "linear kernels, N=4096 H=5120 V=151936 bf16" in md
-    assert "| 64 | 128 | 64 | 8 | 3 | 2.000 | 6.000 | 410.000 | 400.000 |" in md
-    assert "OutOfResources" in md and "best bwd: BLOCK_N=64, BLOCK_V=128" in md
+    assert "logits kernels, N=16384 V=151936 bf16" in md
+    assert "| 2048 | 4 | 2.000 | 6.000 |" in md
+    assert "OutOfResources" in md and "best bwd: BLOCK_V=2048, num_warps=4" in md
 
 
 def test_render_bench_markdown(rehearsal):

@@ -26,7 +26,7 @@ B, T, V, H = 2, 5, 37, 16  # small: the interpreter pays ~1 ms per block iterati
 TEMPERATURE = 0.7
 LOSS_KW = {"entropy_coef": 0.01}  # both upstream gradients (dL/dlogp and dL/dH) are nonzero
 LOGITS_KERNELS = {"_logp_entropy_fwd_kernel", "_logp_entropy_bwd_kernel"}
-LINEAR_KERNELS = {"_linear_fwd_kernel", "_linear_merge_kernel", "_linear_dz_kernel"}
+LINEAR_KERNELS = LOGITS_KERNELS  # the triton hidden-state backend: cuBLAS GEMMs + these
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from aepo.kernels import (
     _launch,
     _resources,
     compile_gate,
-    linear_triton,
     logprob_entropy,
     logprobs_and_entropy,
 )
@@ -86,27 +85,6 @@ def test_logits_variants_are_what_the_launchers_produce(report):
         assert bwd == BACKWARD_FLAGS
 
 
-def test_linear_variants_are_what_the_launchers_produce(report):
-    seen = set()
-    for r in report["results"]:
-        v = r["variant"]
-        if not v["kernel"].startswith("_linear"):
-            continue
-        assert v["options"]["num_warps"] in (linear_triton.GPU_CONFIG["num_warps"], 4)
-        if v["kernel"] == "_linear_merge_kernel":
-            continue
-        for key in ("BLOCK_N", "BLOCK_V", "BLOCK_H"):
-            assert v["constexprs"][key] == linear_triton.GPU_CONFIG[key]
-        assert v["options"]["num_stages"] == linear_triton.GPU_CONFIG["num_stages"]
-        dtype = v["signature"]["x_ptr"][1:]
-        assert v["constexprs"]["DOT_FP32"] == (dtype == "fp32")
-        seen.add((v["kernel"], dtype, _flags(v)))
-    for dtype in ("fp32", "bf16", "fp16"):
-        assert ("_linear_fwd_kernel", dtype, (None, None)) in seen
-        bwd = {f for k, d, f in seen if k == "_linear_dz_kernel" and d == dtype}
-        assert bwd == BACKWARD_FLAGS
-
-
 def test_no_shipped_configuration_spills_on_sm90(report):
     sm90 = [r for r in report["results"] if r["variant"]["target"] == "sm_90"]
     assert sm90
@@ -157,7 +135,9 @@ def test_recorded_launch_has_gpu_config_while_interpreter_runs_its_own():
     torch.testing.assert_close(logp, expected)
     (launch,) = log
     assert launch.kernel is logprob_entropy._logp_entropy_fwd_kernel
-    assert launch.kwargs == logprob_entropy.launch_config(4)
+    # rows of 50 fp32 are not 16-element aligned: one element per lane and load (VEC=1)
+    assert launch.kwargs == logprob_entropy.fwd_launch_config(4, aligned=False)
+    assert launch.kwargs["VEC"] == 1 and launch.kwargs["LANES"] == 32 * launch.kwargs["num_warps"]
 
 
 def test_record_only_launches_nothing():
@@ -166,6 +146,134 @@ def test_record_only_launches_nothing():
         logprobs_and_entropy(logits, torch.tensor([0, 1]), backend="triton")
     assert len(log) == 1
     assert not _launch.recording_only()
+
+
+def _aligned_16bit_sm90(report, kernel: str) -> list[dict]:
+    """sm_90 compiles of ``kernel`` for 16-bit logits with 16-element aligned rows (a vocabulary
+    such as 151936 that is a multiple of 16, the shipped launch configuration)."""
+    found = []
+    for r in report["results"]:
+        v = r["variant"]
+        aligned = {"stride_t", "V"} <= set(r["divisible"])
+        sixteen = v["signature"]["logits_ptr"] in ("*bf16", "*fp16")
+        if v["target"] == "sm_90" and v["kernel"] == kernel and aligned and sixteen:
+            found.append(r)
+    return found
+
+
+def _elements(r: dict) -> int:
+    v = r["variant"]
+    return v["constexprs"]["BLOCK_V"] // (32 * v["options"]["num_warps"])
+
+
+@pytest.mark.parametrize(
+    "kernel, op", [("_logp_entropy_fwd_kernel", "fwd"), ("_logp_entropy_bwd_kernel", "bwd")]
+)
+def test_logits_main_loop_keeps_up_with_h200_bandwidth(report, kernel, op):
+    """SASS instructions per vocabulary element of the main loop, sm_90, 16-bit logits.
+
+    Bound: what an H200 can issue per element while the memory streams at full speed
+    (logprob_entropy.max_instructions_per_element): 132 SMs x 4 schedulers x 1 warp
+    instruction / clock x 1.98 GHz x 32 threads = 3.35e13 thread instructions/s, over the
+    element rate of the measured 4.3 TB/s copy bandwidth. Forward, 2 B read per element:
+    2.15e12 elements/s -> 15.6, gated at 15. Backward, 2 B read + 2 B written: 1.075e12
+    elements/s -> 31.1, gated at 31. (fp32 moves twice the bytes per element: 31 and 62; the
+    report lists those variants.) The loop must also be one block iteration (its loads cover
+    exactly the thread's BLOCK_V / threads elements), or the count would not be per element.
+    """
+    bytes_per_element = {"fwd": 2, "bwd": 4}[op]
+    bound = int(logprob_entropy.max_instructions_per_element(bytes_per_element))
+    assert bound == {"fwd": 15, "bwd": 31}[op]
+    found = _aligned_16bit_sm90(report, kernel)
+    assert found, f"no aligned 16-bit sm_90 compile of {kernel}"
+    for r in found:
+        res = r["resources"]
+        assert res["loop_load_bytes"] == 2 * _elements(r), r["label"]
+        assert res["loop_per_element"] == pytest.approx(res["loop_instructions"] / _elements(r))
+        assert res["loop_per_element"] <= bound, (
+            f"{r['label']}: {res['loop_per_element']:.2f} SASS instructions per element > {bound}"
+        )
+
+
+def test_cost_model_instruction_counts_match_the_gate(report):
+    """logprob_entropy.SASS_PER_ELEMENT (the cost model's issue term) is within 10% of what
+    the compile gate measures on sm_90 at aligned rows (backward: both gradients)."""
+    for (op, size), modelled in logprob_entropy.SASS_PER_ELEMENT.items():
+        kernel = f"_logp_entropy_{op}_kernel"
+        dtype = {2: "*bf16", 4: "*fp32"}[size]
+        measured = [
+            r["resources"]["loop_per_element"]
+            for r in report["results"]
+            if r["variant"]["target"] == "sm_90"
+            and r["variant"]["kernel"] == kernel
+            and r["variant"]["signature"]["logits_ptr"] == dtype
+            and {"stride_t", "V"} <= set(r["divisible"])
+            and r["variant"]["constexprs"].get("HAS_ENTROPY_GRAD", True)
+            and r["variant"]["constexprs"].get("HAS_LOGP_GRAD", True)
+        ]
+        assert len(measured) == 1, (op, size, measured)
+        assert measured[0] == pytest.approx(modelled, rel=0.1), (op, size)
+
+
+def test_cost_model_bytes_and_bounds():
+    fwd = logprob_entropy.cost_model("fwd", 16384, 151936, 2)
+    bwd = logprob_entropy.cost_model("bwd", 16384, 151936, 2)
+    elements = 16384 * 151936
+    assert fwd["bytes"] == 2 * elements + 16384 * (8 + 2 + 16)
+    assert bwd["bytes"] == 4 * elements + 16384 * (20 + 8 + 4)
+    assert fwd["bound"] == bwd["bound"] == "bytes"  # bf16 at H200: memory-bound, both ways
+    assert fwd["model_ms"] == pytest.approx(1e3 * fwd["bytes"] / 4.3e12)
+    assert bwd["floors_ms"]["instructions"] < bwd["floors_ms"]["bytes"]
+
+
+# cuobjdump --dump-sass, shortened: a loop that loads (16 + 8 bytes per thread, 6 instructions),
+# a longer store-only loop (closed by sm_100's uniform-predicate branch), the trap after EXIT.
+SASS = """
+        code for sm_90a
+                Function : _k
+        /*0000*/        LDC R1, c[0x0][0x28] ;                   /* 0x00000a00ff017b82 */
+                                                         /* 0x000fe20000000800 */
+        /*0010*/    @P0 BRA 0x80 ;                               /* 0x0000000000580947 */
+        /*0020*/        IADD3 R2, R2, 0x1, RZ ;                  /* 0x0000000102027810 */
+        /*0030*/   @!P0 LDG.E.128 R4, desc[UR6][R30.64] ;        /* 0x000000061e048981 */
+        /*0040*/        LDG.E.64 R8, desc[UR6][R30.64+0x10] ;    /* 0x000000061e048981 */
+        /*0050*/        MUFU.EX2 R4, R4 ;                        /* 0x0000000400047308 */
+        /*0060*/        ISETP.GE.AND P1, PT, R2, R26, PT ;       /* 0x0000001a0200720c */
+        /*0070*/   @!P1 BRA 0x20 ;                               /* 0xffffffdc00609947 */
+        /*0080*/        STG.E desc[UR6][R30.64], RZ ;            /* 0x000000ff1e007986 */
+        /*0090*/        IADD3 R2, R2, 0x1, RZ ;                  /* 0x0000000102027810 */
+        /*00a0*/        IADD3 R3, R3, 0x1, RZ ;                  /* 0x0000000102027810 */
+        /*00b0*/        IADD3 R5, R5, 0x1, RZ ;                  /* 0x0000000102027810 */
+        /*00c0*/        IADD3 R6, R6, 0x1, RZ ;                  /* 0x0000000102027810 */
+        /*00d0*/        IADD3 R7, R7, 0x1, RZ ;                  /* 0x0000000102027810 */
+        /*00e0*/        BRA.U !UP0, 0x80 ;                       /* 0xffffffdc00609947 */
+        /*00f0*/        EXIT ;                                   /* 0x000000000000794d */
+        /*0100*/        BRA 0x100;                               /* 0xfffffffc00fc7947 */
+"""
+
+
+def test_sass_main_loop_is_the_loop_that_loads():
+    loops = _resources.sass_loops(SASS)
+    assert [(lp["start"], lp["end"], lp["instructions"]) for lp in loops] == [
+        (0x20, 0x70, 6),
+        (0x80, 0xE0, 7),
+        (0x100, 0x100, 1),
+    ]
+    assert _resources.main_loop(SASS) == loops[0]
+    assert loops[0]["loads"] == 2 and loops[0]["load_bytes"] == 24 and loops[0]["stores"] == 0
+    assert loops[1]["stores"] == 1 and loops[1]["loads"] == 0
+    assert _resources.loop_resources(SASS) == {"loop_instructions": 6, "loop_load_bytes": 24}
+    assert _resources.loop_resources(SASS.replace("LDG", "LDS")) == {
+        "loop_instructions": None,
+        "loop_load_bytes": None,
+    }
+
+
+def test_sass_innermost_loop_wins():
+    nested = SASS.replace("!UP0, 0x80 ;", "!UP0, 0x20 ;")  # an outer loop around both
+    loops = _resources.sass_loops(nested)
+    assert [lp["innermost"] for lp in loops] == [True, False, True]
+    assert _resources.main_loop(nested)["end"] == 0x70
 
 
 def test_parse_cuobjdump():

@@ -11,11 +11,17 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from aepo.kernels import fused_linear_policy_loss, linear_logprobs_and_entropy, linear_triton
+from aepo.kernels import fused_linear_policy_loss, linear_gemm, linear_logprobs_and_entropy
 from tests.helpers import spawn_ranks
 
 WORLD, N, H, V = 2, 23, 32, 301
 SPLIT = (150, 151)  # rank 0 owns ids [0, 150), rank 1 [150, 301)
+
+
+def _small_blocks(set_) -> None:
+    """Several row blocks and vocabulary slices per shard on the triton backend."""
+    set_(linear_gemm, "WORKSPACE_BYTES", 4096)
+    set_(linear_gemm, "MIN_SLICE", 64)
 
 
 def _inputs():
@@ -59,7 +65,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         init_method=f"tcp://127.0.0.1:{port}",
         timeout=timedelta(seconds=60),
     )
-    linear_triton.SPLIT_V = 128  # several splits per shard
+    _small_blocks(setattr)
     try:
         hidden, weight, labels, mask, extra = _inputs()
         start = sum(SPLIT[:rank])
@@ -86,7 +92,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_vocab_parallel_equals_single_rank(ranks, backend, monkeypatch):
-    monkeypatch.setattr(linear_triton, "SPLIT_V", 128)
+    _small_blocks(monkeypatch.setattr)
     hidden, weight, labels, mask, extra = _inputs()
     single = _outputs(hidden, weight, labels, mask, extra, backend, None)
     tol = {"rtol": 2e-6, "atol": 2e-6}

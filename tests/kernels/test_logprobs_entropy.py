@@ -94,22 +94,43 @@ def test_single_output_gradient(backend, used):
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_masked_vocabulary_minus_inf(backend):
-    """-inf logits (banned tokens) have p = 0: finite outputs equal to the unmasked sub-problem."""
+@pytest.mark.parametrize("banned", ["tail", "head"])
+def test_masked_vocabulary_minus_inf(backend, banned, monkeypatch):
+    """-inf logits (banned tokens) have p = 0: finite outputs equal to the unmasked sub-problem.
+    ``head``: the first blocks hold only -inf (lanes start from nothing but -inf)."""
+    monkeypatch.setattr(logprob_entropy, "INTERPRET_MAX_BLOCK", 64)
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(6, 200, generator=gen)
-    logits[:, 50:] = float("-inf")
-    labels = torch.randint(0, 50, (6,), generator=gen)
+    keep = slice(0, 50) if banned == "tail" else slice(150, 200)
+    ban = slice(50, 200) if banned == "tail" else slice(0, 150)
+    logits[:, ban] = float("-inf")
+    labels = torch.randint(0, 50, (6,), generator=gen) + keep.start
     x = logits.clone().requires_grad_()
     logp, ent = logprobs_and_entropy(x, labels, backend=backend)
     (g,) = torch.autograd.grad((logp + ent).sum(), x)
-    sub = logits[:, :50].double().requires_grad_()
-    rlp, rent = naive_logprobs_and_entropy(sub, labels)
+    sub = logits[:, keep].double().requires_grad_()
+    rlp, rent = naive_logprobs_and_entropy(sub, labels - keep.start)
     (rg,) = torch.autograd.grad((rlp + rent).sum(), sub)
     torch.testing.assert_close(logp.double(), rlp, rtol=0, atol=1e-5)
     torch.testing.assert_close(ent.double(), rent, rtol=0, atol=1e-5)
-    torch.testing.assert_close(g[:, :50].double(), rg, rtol=0, atol=1e-6)
-    assert (g[:, 50:] == 0).all()
+    torch.testing.assert_close(g[:, keep].double(), rg, rtol=0, atol=1e-6)
+    assert (g[:, ban] == 0).all()
+
+
+@pytest.mark.parametrize("lanes, vec", [(1, 1), (8, 1), (4, 4), (32, 2)], ids=lambda v: str(v))
+def test_forward_lane_layouts(lanes, vec, monkeypatch):
+    """The forward's per-lane statistics and their merge: any [K, LANES, VEC] split of the
+    block gives the fp64 answer within the rule (3 full blocks, a ragged tail, lanes that
+    see only masked elements, large logits)."""
+    monkeypatch.setattr(logprob_entropy, "INTERPRET_MAX_BLOCK", 256)
+    monkeypatch.setattr(logprob_entropy, "INTERPRET_LANES", lanes)
+    monkeypatch.setattr(logprob_entropy, "INTERPRET_VEC", vec)
+    logits, labels, _ = _inputs((7,), 3 * 256 + 37, False, torch.float32, 30.0)
+    ours = logprobs_and_entropy(logits, labels, temperature=0.7, backend="triton")
+    plain = naive_logprobs_and_entropy(logits, labels, temperature=0.7)
+    ref = naive_logprobs_and_entropy(logits.double(), labels, temperature=0.7)
+    for name, o, p, r in zip(("logp", "entropy"), ours, plain, ref, strict=True):
+        assert_within_rule(f"lanes={lanes} vec={vec} {name}", o, p, r, torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])

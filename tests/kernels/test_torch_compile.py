@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from aepo.kernels import linear_triton
+from aepo.kernels import linear_gemm
 from aepo.kernels.logprob_entropy import rows_in_place
 from tests.kernels import compile_cases
 from tests.kernels.compile_cases import CASES, DYNAMIC, assert_same, run
@@ -111,7 +111,7 @@ def test_opcheck_linear_ops(terms):
     gen = torch.Generator().manual_seed(0)
     x, w = torch.randn(9, 16, generator=gen), torch.randn(37, 16, generator=gen)
     local = torch.randint(-1, 37, (9,), generator=gen)  # -1: the label is in another shard
-    forward, backward = linear_triton._linear_forward_op, linear_triton.linear_backward
+    forward, backward = linear_gemm._linear_forward_op, linear_gemm.linear_backward
     torch.library.opcheck(forward, (x, w, local, 1.0 / 0.7))
     m, s, u, _ = forward(x, w, local, 1.0 / 0.7)
     log_s = s.log()

@@ -1,0 +1,51 @@
+"""The logits kernels' cost model in the benchmark rows and tables: what a GPU run compares its
+measured times to (bench_kernels.model_ms, render_bench's "x model" column)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_kernels  # noqa: E402
+import render_bench  # noqa: E402
+
+from aepo.kernels import logprob_entropy  # noqa: E402
+
+
+def test_model_ms_is_the_cost_model_of_our_kernels():
+    n, vocab = 64, 151936
+    fwd = logprob_entropy.cost_model("fwd", n, vocab, 2)["model_ms"]
+    bwd = logprob_entropy.cost_model("bwd", n, vocab, 2)["model_ms"]
+    assert bench_kernels.model_ms("aepo", "fwd", n, vocab, 2) == fwd
+    assert bench_kernels.model_ms("aepo", "bwd", n, vocab, 2) == bwd
+    assert bench_kernels.model_ms("aepo-inplace", "loss", n, vocab, 2) == fwd + bwd
+    assert bench_kernels.model_ms("naive", "fwd", n, vocab, 2) is None
+    # bf16 on an H200 is memory-bound: the model is the byte time, twice as long backward
+    assert bwd / fwd > 1.9
+
+
+def _row(impl: str, op: str, **extra) -> dict:
+    row = {"suite": "kernels", "device_name": "H200", "n": 8, "vocab": 32, "dtype": "bf16"}
+    row |= {"impl": impl, "op": op, "device_ms": 1.0, "host_ms": 0.1, "computes": impl}
+    return row | {"peak_extra_bytes": 0, **extra}
+
+
+def test_table_shows_measured_over_model():
+    rows = [
+        _row("aepo", "fwd", x_model=1.25),
+        _row("aepo", "bwd", x_model=1.5),
+        _row("naive", "fwd"),
+    ]
+    md = render_bench.render(rows)
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| impl |")).split("|")
+    col = header.index(" fwd / bwd x model ")
+    ours = next(line for line in lines if line.startswith("| aepo |")).split("|")
+    naive = next(line for line in lines if line.startswith("| naive |")).split("|")
+    assert ours[col].strip() == "1.25 / 1.50"
+    assert naive[col].strip() == ""
+    assert "logprob_entropy.cost_model" in md
+    assert "cost_model" not in render_bench.render(rows[2:])
