@@ -205,12 +205,12 @@ def _logp_entropy_bwd_kernel(
         tl.debug_barrier()
     v_full = (V // BLOCK_V) * BLOCK_V
     for start in range(0, v_full, BLOCK_V):  # full blocks: no masks
-        x = _load_block(base, start + cols, V, 0.0, False)
+        x = _load_block(base, start + cols, V, float("-inf"), False)
         dx = _bwd_block(x, inv_t, m, log2_s, a, b, HAS_ENTROPY_GRAD)
         tl.store(gbase + start + cols, dx.to(out_ty))
     if v_full < V:
         idx = v_full + cols
-        x = _load_block(base, idx, V, 0.0, True)
+        x = _load_block(base, idx, V, float("-inf"), True)  # p = 0 past V: no exp2 overflow
         dx = _bwd_block(x, inv_t, m, log2_s, a, b, HAS_ENTROPY_GRAD)
         tl.store(gbase + idx, dx.to(out_ty), mask=idx < V)
     if HAS_LOGP_GRAD:

@@ -117,6 +117,30 @@ def test_masked_vocabulary_minus_inf(backend, banned, monkeypatch):
     assert (g[:, ban] == 0).all()
 
 
+
+@pytest.mark.parametrize("grads", ["logp", "entropy", "both"])
+def test_backward_tail_lanes_compute_nothing_out_of_range(grads, monkeypatch):
+    """All logits <= -40 at T=0.3 with a partial last block: the backward's masked lanes past V
+    must give p = 0 (they once loaded 0.0, far above the row max, and exp2 overflowed to inf
+    there; the store was masked, but it is an inf per lane and a warning in the interpreter)."""
+    import warnings
+
+    monkeypatch.setattr(logprob_entropy, "INTERPRET_MAX_BLOCK", 64)
+    gen = torch.Generator().manual_seed(5)
+    logits = -40.0 - 5.0 * torch.rand(4, 100, generator=gen)  # V = 100: a 36-element tail
+    labels = torch.randint(0, 100, (4,), generator=gen)
+    x = logits.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        logp, ent = logprobs_and_entropy(x, labels, temperature=0.3, backend="triton")
+        loss = {"logp": logp.sum(), "entropy": ent.sum(), "both": (logp + ent).sum()}[grads]
+        (g,) = torch.autograd.grad(loss, x)
+    ref = logits.double().requires_grad_()
+    rlp, rent = naive_logprobs_and_entropy(ref, labels, 0.3)
+    rloss = {"logp": rlp.sum(), "entropy": rent.sum(), "both": (rlp + rent).sum()}[grads]
+    (rg,) = torch.autograd.grad(rloss, ref)
+    torch.testing.assert_close(g.double(), rg, rtol=0, atol=1e-5)
+
 @pytest.mark.parametrize("lanes, vec", [(1, 1), (8, 1), (4, 4), (32, 2)], ids=lambda v: str(v))
 def test_forward_lane_layouts(lanes, vec, monkeypatch):
     """The forward's per-lane statistics and their merge: any [K, LANES, VEC] split of the
