@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     report = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "results": results,
-        "env": _env(),
+        "env": environment(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"rollout_cpu_k{args.k}"
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
     return report
 
 
-def _env() -> dict:
+def environment() -> dict:
     import vllm
 
     cpu = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in ln]

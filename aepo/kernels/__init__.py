@@ -6,9 +6,10 @@ DeepSpeed), so other trainers can take the fused ops and loss alone.
 """
 
 from aepo.kernels.api import BACKENDS, logprobs_and_entropy, resolve_backend
-from aepo.kernels.fused_loss import fused_policy_loss
+from aepo.kernels.fused_loss import fused_policy_loss, tree_logprobs_and_entropy
 from aepo.kernels.linear import fused_linear_policy_loss, linear_logprobs_and_entropy
 from aepo.kernels.reference import naive_linear_logprobs_and_entropy, naive_logprobs_and_entropy
+from aepo.kernels.tree_rows import unique_edges
 
 __all__ = [
     "BACKENDS",
@@ -19,4 +20,6 @@ __all__ = [
     "naive_linear_logprobs_and_entropy",
     "naive_logprobs_and_entropy",
     "resolve_backend",
+    "tree_logprobs_and_entropy",
+    "unique_edges",
 ]

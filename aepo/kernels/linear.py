@@ -15,7 +15,8 @@ dz = g_lp (1[j=y] - p_j) - g_H p_j (z_j - S) / T over its shard only, p_j = exp(
 keeps its shard's dW, and the hidden gradient is all-reduced (summed) over the group.
 
 Rows whose label is ``ignore_index`` are dropped before any matmul: they cost no FLOPs, return 0
-and get exactly zero gradient.
+and get exactly zero gradient. With ``rows`` (a packed tree, :mod:`aepo.kernels.tree_rows`) the
+kept positions are deduplicated to unique (row, label) edges first and the head runs on those.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ from aepo.kernels._checks import (
 )
 from aepo.kernels.api import resolve_backend
 from aepo.kernels.reference import accumulator_dtype, finish_pieces, merge_pieces
+from aepo.kernels.tree_rows import (
+    check_rows,
+    occurrences,
+    to_flat,
+    unique_edges,
+    unique_table,
+)
 from aepo.objectives import aggregation_weights, per_token_gradients, policy_loss
 
 
@@ -107,6 +115,7 @@ def linear_logprobs_and_entropy(
     ignore_index: int = -100,
     backend: str = "auto",
     process_group=None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-prob of the label and full-vocabulary entropy of softmax(hidden W^T / T).
 
@@ -123,9 +132,14 @@ def linear_logprobs_and_entropy(
             for the softmax work: :mod:`aepo.kernels.linear_gemm`), "torch" (chunked plain
             torch) or "auto" (triton on CUDA, torch on CPU unless TRITON_INTERPRET=1).
         process_group: a vocab-parallel group, or None.
+        rows: [...] int64 like ``labels``, or None. Given, ``hidden`` is the [R, H] (or
+            [1, R, H]) unique rows of a packed tree and position i reads row ``rows[i]`` (-1
+            where the label is ``ignore_index``); the head runs once per distinct (row, label)
+            edge (:func:`~aepo.kernels.tree_rows.unique_edges`) and the results are mapped back
+            to every position. Gradients of positions sharing a row sum onto it.
     Returns:
-        (logp, entropy), each [...] float32 (float64 for float64 inputs), differentiable with
-        respect to ``hidden`` and ``weight`` (entropy included).
+        (logp, entropy), each [...] (the shape of ``labels``) float32 (float64 for float64
+        inputs), differentiable with respect to ``hidden`` and ``weight`` (entropy included).
     Memory: no [N, V] tensor. Saves (m, log s, H) per kept row; the backward allocates dX in
     fp32 [N, H], dW like ``weight`` and a bounded workspace (triton: 2 GiB of [N, Vs] slices;
     torch: a few [512, 4096] chunks and one [4096, H] dW chunk).
@@ -133,8 +147,12 @@ def linear_logprobs_and_entropy(
     weight is gathered around the forward and the backward and its gradient is accumulated
     while it is whole.
     """
-    rows = _kept_rows(hidden, weight, labels, temperature, ignore_index, backend, process_group)
-    inv_t, backend, keep, x, local = rows
+    args = (temperature, ignore_index, backend, process_group)
+    if rows is not None:
+        inv_t, backend, keep, edges, x, local = _kept_edges(hidden, weight, labels, rows, *args)
+        logp_e, ent_e = _LinearLogpEntropy.apply(x, weight, local, inv_t, backend, process_group)
+        return to_flat(logp_e, edges, keep), to_flat(ent_e, edges, keep)
+    inv_t, backend, keep, x, local = _kept_rows(hidden, weight, labels, *args)
     logp_k, ent_k = _LinearLogpEntropy.apply(x, weight, local, inv_t, backend, process_group)
     return _scatter(logp_k, keep, labels.shape), _scatter(ent_k, keep, labels.shape)
 
@@ -157,8 +175,27 @@ def _kept_rows(hidden, weight, labels, temperature, ignore_index, backend, proce
     else:
         keep = keep.nonzero().squeeze(1)  # one host sync: rows to compute
         x, y = x.index_select(0, keep), flat.index_select(0, keep) - vocab_start
-    local = torch.where((y >= 0) & (y < weight.shape[0]), y, torch.full_like(y, -1))
-    return inv_t, backend, keep, x, local
+    return inv_t, backend, keep, x, _local_labels(y, weight)
+
+
+def _kept_edges(hidden, weight, labels, rows, temperature, ignore_index, backend, process_group):
+    """Checked inputs on unique tree rows as (1 / T, backend, keep [...] bool kept positions,
+    edges (:class:`~aepo.kernels.tree_rows.Edges`), x [E, H] the edges' hidden rows (a gather:
+    its backward sums onto the unique rows), local [E] as in :func:`_kept_rows`)."""
+    inv_t = check_temperature(temperature)
+    vocab_start, vocab_total = shard_layout(check_hidden_weight(hidden, weight), process_group)
+    table = unique_table(hidden, "hidden")  # [R, H]
+    labels = check_rows(rows, labels, table, "hidden", vocab_total, ignore_index)
+    backend = resolve_backend(backend, hidden)
+    keep = labels != ignore_index
+    edges = unique_edges(rows, labels, keep)
+    x = table.index_select(0, edges.rows)
+    return inv_t, backend, keep, edges, x, _local_labels(edges.labels - vocab_start, weight)
+
+
+def _local_labels(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Label columns ``y`` [N] within this rank's weight shard, -1 outside it."""
+    return torch.where((y >= 0) & (y < weight.shape[0]), y, torch.full_like(y, -1))
 
 
 def _scatter(values: torch.Tensor, keep: torch.Tensor, shape) -> torch.Tensor:
@@ -184,6 +221,7 @@ def fused_linear_policy_loss(
     temperature: float = 1.0,
     backend: str = "auto",
     process_group=None,
+    rows: torch.Tensor | None = None,
     **policy_loss_kwargs,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """:func:`aepo.objectives.policy_loss` from hidden states and the lm_head weight.
@@ -197,6 +235,15 @@ def fused_linear_policy_loss(
             tokens (anything where mask is 0).
         old_logp, advantages, mask: [..., T], as in :func:`aepo.objectives.policy_loss`.
         temperature, backend, process_group: as in :func:`linear_logprobs_and_entropy`.
+        rows: [..., T] int64 like ``labels``, or None. Given, ``hidden`` is the [R, H] (or
+            [1, R, H]) unique rows of a packed tree and position (..., t) predicts
+            ``labels[..., t]`` from row ``rows[..., t]`` (-1 at padding; >= 0 where mask != 0).
+            The objective still runs per position (each occurrence of a shared token has its
+            own advantage, clipping, weight and metrics, and their gradients are summed onto
+            the token), while the head (logits, softmax statistics, dz, the GEMMs) runs once
+            per distinct (row, label) edge (:func:`~aepo.kernels.tree_rows.unique_edges`).
+            Extra memory: the gathered [E, H] edge rows (as the [K, H] kept rows without
+            ``rows``) and a few [K] vectors.
         **policy_loss_kwargs: objective, eps_low, eps_high, entropy_adv_coef, entropy_coef,
             ref_logp, kl_coef, agg, normalizer, ... (see ``policy_loss``).
     Returns:
@@ -214,7 +261,8 @@ def fused_linear_policy_loss(
     labels = mask_to_labels(mask, labels)
     if _single_pass(hidden, weight, process_group, policy_loss_kwargs):
         tokens = (labels, old_logp, advantages, mask)
-        return _single_pass_loss(hidden, weight, *tokens, temperature, backend, policy_loss_kwargs)
+        kw = policy_loss_kwargs
+        return _single_pass_loss(hidden, weight, *tokens, temperature, backend, kw, rows)
     logp, entropy = linear_logprobs_and_entropy(
         hidden,
         weight,
@@ -222,6 +270,7 @@ def fused_linear_policy_loss(
         temperature=temperature,
         backend=backend,
         process_group=process_group,
+        rows=rows,
     )
     return policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **policy_loss_kwargs)
 
@@ -236,31 +285,53 @@ def _single_pass(hidden, weight, process_group, loss_kwargs) -> bool:
     )
 
 
-def _single_pass_loss(hidden, weight, labels, old_logp, advantages, mask, temperature, backend, kw):
+def _single_pass_loss(
+    hidden, weight, labels, old_logp, advantages, mask, temperature, backend, kw, rows
+):
     """The loss with its d hidden / d weight computed in the forward (see
-    :func:`fused_linear_policy_loss`)."""
+    :func:`fused_linear_policy_loss`); with ``rows``, on the unique edges of a packed tree."""
     with torch.no_grad():  # every argument checked before the expensive pass
         zeros = torch.zeros(mask.shape, dtype=accumulator_dtype(hidden.dtype), device=mask.device)
         policy_loss(zeros, old_logp, advantages, mask, entropy=zeros, **kw)
-    rows = _kept_rows(hidden, weight, labels, temperature, -100, backend, None)
-    inv_t, backend, keep, x, local = rows
-    token_grads = _block_gradients(keep, old_logp, advantages, mask, kw)
+    tokens = (old_logp, advantages, mask, kw)
+    if rows is None:
+        inv_t, backend, keep, x, local = _kept_rows(
+            hidden, weight, labels, temperature, -100, backend, None
+        )
+        token_grads = _block_gradients(keep, *tokens)
+        to_grid = lambda values: _scatter(values, keep, mask.shape)
+    else:
+        inv_t, backend, kept, edges, x, local = _kept_edges(
+            hidden, weight, labels, rows, temperature, -100, backend, None
+        )
+        occ = occurrences(kept.reshape(-1).nonzero().squeeze(1), edges)
+        token_grads = _block_gradients(occ.flat, *tokens, occ)
+        to_grid = lambda values: to_flat(values, edges, kept)
     need_dw, impl = weight.requires_grad, _backend_module(backend)
     logp_k, ent_k, dx, dw = linear_single_pass.linear_loss_single_pass(
         x.detach(), weight.detach(), local, inv_t, token_grads, need_dw, impl
     )
-    logp, entropy = _scatter(logp_k, keep, mask.shape), _scatter(ent_k, keep, mask.shape)
+    logp, entropy = to_grid(logp_k), to_grid(ent_k)
     with torch.no_grad():
         loss, metrics = policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **kw)
-    d_hidden = _scatter(dx.to(hidden.dtype), keep, mask.shape)
+    if rows is None:
+        d_hidden = _scatter(dx.to(hidden.dtype), keep, mask.shape)
+    else:  # the edges' row gradients summed onto the unique rows
+        d_hidden = hidden.new_zeros(hidden.shape)
+        d_hidden.view(-1, hidden.shape[-1]).index_add_(0, edges.rows, dx.to(hidden.dtype))
     return _PrecomputedGradient.apply(hidden, weight, loss, d_hidden, dw), metrics
 
 
-def _block_gradients(keep, old_logp, advantages, mask, kw):
+def _block_gradients(index, old_logp, advantages, mask, kw, occ=None):
     """``token_grads`` of :func:`~aepo.kernels.linear_single_pass.linear_loss_single_pass`: the
-    objective on one block of kept tokens, summed (agg="constant", normalizer 1), its per-token
-    gradients times the whole batch's aggregation weights."""
-    pick = lambda t: t.expand(mask.shape).reshape(-1).index_select(0, keep)
+    objective on one block of kept tokens (flat indices ``index``), summed (agg="constant",
+    normalizer 1), its per-token gradients times the whole batch's aggregation weights.
+
+    With ``occ`` (:class:`~aepo.kernels.tree_rows.Occurrences`, ``index`` = ``occ.flat``) the
+    blocks are blocks of edges: the objective runs on every occurrence of the block's edges,
+    each with its own old_logp / advantage / ref_logp / statistics / weight, and the
+    occurrences' (dL/dlogp, dL/dH) are summed onto their edges."""
+    pick = lambda t: t.expand(mask.shape).reshape(-1).index_select(0, index)
     old, adv = pick(old_logp), pick(advantages)
     weights = pick(aggregation_weights(mask, kw.get("agg", "token-mean"), kw.get("normalizer")))
     ref = None if kw.get("ref_logp") is None else pick(kw["ref_logp"])
@@ -288,6 +359,22 @@ def _block_gradients(keep, old_logp, advantages, mask, kw):
             grads = torch.autograd.grad(loss, (lp, h) if needs_h else (lp,))
         w = weights[r].to(lp.dtype)
         return grads[0] * w, (grads[1] * w if needs_h else None)
+
+    return token_grads if occ is None else _edge_gradients(token_grads, occ)
+
+
+def _edge_gradients(occurrence_grads, occ):
+    """``token_grads`` over blocks of edges from ``occurrence_grads`` over their occurrences
+    (contiguous: ``occ`` is sorted by edge): gather each edge's (logp, H) to its occurrences,
+    evaluate, and sum the occurrences' gradients back onto the edges."""
+    offsets = occ.offsets.tolist()
+
+    def token_grads(r: slice, lp: torch.Tensor, h: torch.Tensor):
+        o = slice(offsets[r.start], offsets[r.start + lp.shape[0]])
+        local = occ.edge[o] - r.start  # [K_r] edge of each occurrence within the block
+        g_lp, g_h = occurrence_grads(o, lp[local], h[local])
+        total = lambda g: None if g is None else torch.zeros_like(lp).index_add_(0, local, g)
+        return total(g_lp), total(g_h)
 
     return token_grads
 

@@ -58,6 +58,11 @@ class RolloutSection:
 
 
 @dataclass(frozen=True)
+class TrainSection:
+    packing: str = "tree"  # tree: shared prefixes forwarded once; flat: every path padded
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
@@ -108,6 +113,7 @@ class TrainConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutSection = field(default_factory=RolloutSection)
     objective: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    train: TrainSection = field(default_factory=TrainSection)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -120,6 +126,7 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
     "rollout.engine": ("vllm", "hf"),
     "rollout.mode": MODES,
+    "train.packing": ("tree", "flat"),
     "deepspeed.zero_stage": (0, 1, 2, 3),
 }
 
@@ -226,14 +233,15 @@ def _validate(cfg: TrainConfig) -> None:
             "objective.temperature is taken from rollout.temperature (the loss must divide by "
             "the sampling temperature); set rollout.temperature instead"
         )
-    packed = cfg.model.attn_implementation == "flash_attention_2"
+    packed = cfg.model.attn_implementation == "flash_attention_2" and cfg.train.packing == "flat"
     if packed and (
         cfg.objective.agg not in ("token-mean", "constant")
         or cfg.objective.entropy_adv_norm == "group"
     ):
         raise ConfigError(
-            "model.attn_implementation=flash_attention_2 packs sequences without padding: it "
-            "needs objective.agg token-mean or constant and entropy_adv_norm batch or micro"
+            "model.attn_implementation=flash_attention_2 with train.packing=flat packs sequences "
+            "without padding: it needs objective.agg token-mean or constant and "
+            "entropy_adv_norm batch or micro (train.packing=tree has no such limit)"
         )
     _validate_cross(cfg)
     per_rank = cfg.task.prompts_per_step * cfg.rollout.k

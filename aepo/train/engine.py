@@ -10,7 +10,9 @@ from collections.abc import Iterator
 import torch
 
 from aepo.distributed import all_reduce
-from aepo.train.config import TrainConfig
+from aepo.train.config import ConfigError, TrainConfig
+from aepo.train.tree_attention import KWARG, tree_blocker, tree_forward
+from aepo.train.tree_pack import TreePack, pack_tree
 
 
 def init_distributed() -> tuple[int, int]:
@@ -55,6 +57,22 @@ def unpack(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     out = x.new_zeros(keep.shape)
     out[keep.to(x.device)] = x[0]
     return out
+
+
+def _per_token(tensors, layout, device):
+    """``tensors`` ([B, L] or a tuple of them) as the loss kernels take them for ``layout``
+    (:meth:`PolicyEngine._inputs`), then the kernels' ``rows`` (the TreePack's [B, L] index,
+    None otherwise): a single tensor gives (tensor, rows), a tuple (*tensors, rows)."""
+    single = isinstance(tensors, torch.Tensor)
+    tree = isinstance(layout, TreePack)
+    keep = None if tree else layout
+    out = [pack(t.to(device), keep) for t in ((tensors,) if single else tensors)]
+    return (*out, layout.index if tree else None)
+
+
+def _flat(values: torch.Tensor, layout) -> torch.Tensor:
+    """Per-token kernel outputs back to [B, L]: a tree's already are (``rows=``)."""
+    return values if isinstance(layout, TreePack) else unpack(values, layout)
 
 
 # Config attributes of HF models whose output layer is more than hidden @ W^T.
@@ -154,66 +172,120 @@ class PolicyEngine:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, torch_dtype=dtype, attn_implementation=cfg.model.attn_implementation
         )
+        blocker = tree_blocker(model, max_len=1) if cfg.train.packing == "tree" else None
+        if blocker:  # sliding windows are checked per batch, against its longest row
+            raise ConfigError(
+                f"train.packing=tree is not possible for this model: {blocker}; set "
+                "train.packing=flat"
+            )
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )
         self.bucket_bytes = cfg.deepspeed.sync_bucket_mb << 20
-        self.packed = cfg.model.attn_implementation == "flash_attention_2"
+        self.tree = cfg.train.packing == "tree"
+        self.packed = cfg.model.attn_implementation == "flash_attention_2" and not self.tree
+        self.token_counts = torch.zeros(2, dtype=torch.long)  # tree: (forwarded, flat) tokens
         # DeepSpeed's fp32 stage-0 path clips but drops the norm it computed: keep our own.
         self.stage = self.ds_config["zero_optimization"]["stage"]
         self._own_norm = self.stage == 0 and not self.ds_config["bf16"]["enabled"]
         self._last_norm: torch.Tensor | None = None
         self.skip_reason = "loss"  # of the last skipped step: "loss" or "gradient norm"
 
+    def _inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tree: bool):
+        """(forward kwargs, layout) of a right-padded [B, L] batch. The layout is None (padded:
+        the model sees [B, L]), a [B, L] bool ``keep`` (flash-attention 2 packing: the real
+        tokens as one [1, T] sequence whose position ids restart per row) or a
+        :class:`~aepo.train.tree_pack.TreePack` (train.packing=tree: the [1, T] unique tokens
+        of the batch's trie, each shared prefix once; ``tree`` and train.packing=tree)."""
+        device = self.engine.device
+        ids, attn = input_ids.to(device), attention_mask.to(device)
+        if tree and self.tree:
+            tree = pack_tree(ids, attn)
+            self.token_counts += torch.tensor([tree.num_tokens, tree.flat_tokens])
+            inputs = {"input_ids": tree.input_ids, "position_ids": tree.position_ids}
+            return inputs | {KWARG: tree}, tree
+        if not self.packed:
+            return {"input_ids": ids, "attention_mask": attn}, None
+        keep = attn.bool()
+        positions = (keep.cumsum(-1) - 1)[keep][None]
+        return {"input_ids": ids[keep][None], "position_ids": positions}, keep
+
+    def _forward(self, inputs: dict, layout):
+        """The engine's forward on :meth:`_inputs`' kwargs (on tree attention for a tree)."""
+        if not isinstance(layout, TreePack):
+            return self.engine(**inputs)
+        with tree_forward(self.engine.module, max_len=layout.max_k):
+            return self.engine(**inputs)
+
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """Logits of a right-padded [B, L] batch (ZeRO-3 gathers each layer on the fly).
+        """Logits of a right-padded [B, L] batch (ZeRO-3 gathers each layer on the fly), never
+        tree-packed (the training passes are: :meth:`logprobs`, :meth:`policy_loss`).
 
         Returns ``(logits, keep)``: padded, ``([B, L, V], None)``; with flash-attention 2 the
         rows are packed without padding into one sequence whose position ids restart per row,
         ``([1, T, V], keep)`` with ``keep`` the [B, L] attention mask: per-token tensors are
         then packed with :func:`pack` (T = number of real tokens).
         """
-        device = self.engine.device
-        ids, attn = input_ids.to(device), attention_mask.to(device)
-        if not self.packed:
-            return self.engine(input_ids=ids, attention_mask=attn).logits, None
-        keep = attn.bool()
-        positions = (keep.cumsum(-1) - 1)[keep][None]
-        out = self.engine(input_ids=ids[keep][None], position_ids=positions)
-        return out.logits, keep.cpu()
+        return self._logits(input_ids, attention_mask, tree=False)
 
-    def fused_logprobs(self, input_ids, attention_mask, labels, **kernel_kwargs):
-        """Per-token (logp, entropy, keep) from the last hidden states and the lm_head weight
-        (:func:`aepo.kernels.linear_logprobs_and_entropy`), the logits never materialised.
+    def _logits(self, input_ids, attention_mask, tree: bool):
+        """(logits, layout) (see :meth:`_inputs`): a tree's are [1, T, V], T unique tokens."""
+        inputs, layout = self._inputs(input_ids, attention_mask, tree)
+        return self._forward(inputs, layout).logits, layout
 
-        ``labels`` [B, L] (-100 = skip) are packed like :meth:`logits`' outputs; so are the
-        returned logp and entropy. See :meth:`_through_head` for ZeRO-3.
-        """
-        from aepo.kernels import linear_logprobs_and_entropy
+    def logprobs(self, input_ids, attention_mask, labels, *, fused: bool, **kernel_kwargs):
+        """Per-token (logp, entropy), each [B, L] on the engine's device (0 at padding and at
+        ``labels`` -100), of a right-padded [B, L] batch: from the last hidden states and the
+        lm_head weight when ``fused`` (:func:`aepo.kernels.linear_logprobs_and_entropy`, the
+        logits never materialised; see :meth:`_through_head` for ZeRO-3), from the logits
+        otherwise. ``kernel_kwargs``: temperature, backend."""
+        from aepo.kernels import (
+            linear_logprobs_and_entropy,
+            logprobs_and_entropy,
+            tree_logprobs_and_entropy,
+        )
 
-        def head_call(hidden, weight, pack_like):
-            return linear_logprobs_and_entropy(hidden, weight, pack_like(labels), **kernel_kwargs)
+        if fused:
 
-        (logp, entropy), keep = self._through_head(input_ids, attention_mask, head_call)
-        return logp, entropy, keep
+            def head_call(hidden, weight, layout):
+                y, rows = _per_token(labels, layout, self.engine.device)
+                return linear_logprobs_and_entropy(hidden, weight, y, rows=rows, **kernel_kwargs)
 
-    def fused_loss(self, input_ids, attention_mask, labels, old_logp, advantages, mask, **kw):
-        """(loss, metrics) of :func:`aepo.kernels.fused_linear_policy_loss` on rows [B, L]
-        (``labels``, ``old_logp``, ``advantages``, ``mask`` [B, L], packed here like
-        :meth:`logits`' outputs), run as the lm_head's forward (:meth:`_through_head`); its
-        single pass computes the gradients with the loss where it applies."""
-        from aepo.kernels import fused_linear_policy_loss
+            (logp, entropy), layout = self._through_head(input_ids, attention_mask, head_call)
+        else:
+            logits, layout = self._logits(input_ids, attention_mask, tree=True)
+            y, rows = _per_token(labels, layout, logits.device)
+            if rows is None:
+                logp, entropy = logprobs_and_entropy(logits, y, **kernel_kwargs)
+            else:
+                logp, entropy = tree_logprobs_and_entropy(logits, y, rows, **kernel_kwargs)
+        return _flat(logp, layout), _flat(entropy, layout)
 
-        def head_call(hidden, weight, pack_like):
-            tokens = (pack_like(t) for t in (labels, old_logp, advantages, mask))
-            return fused_linear_policy_loss(hidden, weight, *tokens, **kw)
+    def policy_loss(self, input_ids, attention_mask, tokens, *, fused: bool, **kw):
+        """(loss, metrics) of the policy loss of a right-padded [B, L] batch; ``tokens`` =
+        (labels, old_logp, advantages, mask), each [B, L]. ``fused``:
+        :func:`aepo.kernels.fused_linear_policy_loss` run as the lm_head's forward
+        (:meth:`_through_head`; its single pass computes the gradients with the loss where it
+        applies); else :func:`aepo.kernels.fused_policy_loss` on the logits, whose gradient
+        overwrites them. A tree's shared tokens are computed once (``rows=``), each flat
+        position keeping its own advantage, clipping and weight."""
+        from aepo.kernels import fused_linear_policy_loss, fused_policy_loss
 
-        return self._through_head(input_ids, attention_mask, head_call)[0]
+        if fused:
+
+            def head_call(hidden, weight, layout):
+                *per_token, rows = _per_token(tokens, layout, self.engine.device)
+                return fused_linear_policy_loss(hidden, weight, *per_token, rows=rows, **kw)
+
+            return self._through_head(input_ids, attention_mask, head_call)[0]
+        logits, layout = self._logits(input_ids, attention_mask, tree=True)
+        *per_token, rows = _per_token(tokens, layout, logits.device)
+        return fused_policy_loss(logits, *per_token, rows=rows, inplace_grad=True, **kw)
 
     def _through_head(self, input_ids, attention_mask, head_call):
-        """(head_call's result, keep): the engine's forward with the backbone's last hidden
-        states handed to ``head_call(hidden, lm_head.weight, pack_like)`` in place of the
-        lm_head (``pack_like`` packs a [B, L] tensor like the hidden states).
+        """(head_call's result, layout): the engine's forward with the backbone's last hidden
+        states handed to ``head_call(hidden, lm_head.weight, layout)`` in place of the lm_head
+        (``layout`` as in :meth:`_inputs`).
 
         The call goes through the DeepSpeed engine's forward, and ``head_call`` runs as the
         lm_head module's forward (both redirected for the duration of the call): ZeRO-3
@@ -222,19 +294,18 @@ class PolicyEngine:
         """
         module = self.engine.module
         backbone, head = getattr(module, module.base_model_prefix), module.get_output_embeddings()
-        device = self.engine.device
-        ids, attn = input_ids.to(device), attention_mask.to(device)
-        keep = attn.bool() if self.packed else None
-        pack_like = lambda t: pack(t.to(device), keep)
+        inputs, layout = self._inputs(input_ids, attention_mask, tree=True)
         forward = lambda **kw: head(backbone(**kw).last_hidden_state)
-        head_forward = lambda hidden: head_call(hidden, head.weight, pack_like)
+        head_forward = lambda hidden: head_call(hidden, head.weight, layout)
         with _redirect(module, forward), _redirect(head, head_forward):
-            if keep is None:
-                out = self.engine(input_ids=ids, attention_mask=attn)
-            else:
-                positions = (keep.cumsum(-1) - 1)[keep][None]
-                out = self.engine(input_ids=ids[keep][None], position_ids=positions)
-        return out, None if keep is None else keep.cpu()
+            return self._forward(inputs, layout), layout
+
+    def take_token_counts(self) -> tuple[int, int]:
+        """(tokens forwarded, flat real tokens) of the tree-packed forwards since the last
+        call (0, 0 with train.packing=flat), and reset the counters."""
+        forwarded, flat = (int(c) for c in self.token_counts)
+        self.token_counts.zero_()
+        return forwarded, flat
 
     def backward(self, loss: torch.Tensor) -> None:
         """Our losses are already normalised by the global token count: no 1/GAS scaling."""

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from aepo.distributed import all_reduce
 from aepo.evaluate import group_label
-from aepo.kernels import fused_policy_loss, logprobs_and_entropy
 from aepo.objectives import entropy_statistics, group_advantages
 from aepo.rollout.branching import BranchConfig
 from aepo.rollout.engines.base import GenRequest, SamplingConfig
@@ -27,7 +26,7 @@ from aepo.rollout.tree import RolloutConfig, TreeRollout
 from aepo.tasks.base import get_task
 from aepo.train import checkpoint
 from aepo.train.config import ConfigError, TrainConfig, dump_config
-from aepo.train.engine import PolicyEngine, fused_head_blocker, init_distributed, pack, unpack
+from aepo.train.engine import PolicyEngine, fused_head_blocker, init_distributed
 from aepo.train.metrics import MetricsLogger
 from aepo.train.preempt import Preemption
 
@@ -101,8 +100,6 @@ class Trainer:
     """Holds the pieces of one run; :meth:`fit` runs the steps."""
 
     def __init__(self, cfg: TrainConfig):
-        from transformers import AutoTokenizer
-
         self.cfg = cfg
         self.rank, self.world = init_distributed()
         self.run_dir = Path(cfg.run.dir)
@@ -115,10 +112,7 @@ class Trainer:
         self.group_key = getattr(self.task, "metric_group", None)
         self.groups = sorted({s[self.group_key] for s in self.samples}) if self.group_key else []
         model_path = self._model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        per_rank = cfg.task.prompts_per_step * cfg.rollout.k
-        self.mini = cfg.optim.mini_batch_size or per_rank
-        self.policy = PolicyEngine(cfg, model_path, self.mini // cfg.optim.micro_batch_size)
+        self._init_update(model_path)
         self.engine = make_engine(cfg, model_path, self.world, self.tokenizer)
         self.rollout = TreeRollout(
             self.engine,
@@ -127,6 +121,27 @@ class Trainer:
             rollout_config(cfg, task_protocol(self.task, self.tokenizer)),
         )
         self.encode_prompt = prompt_encoder(self.task, self.tokenizer)
+
+    @classmethod
+    def update_only(cls, cfg: TrainConfig, model_path: str) -> Trainer:
+        """A Trainer with the update path alone (:meth:`update` on given trajectories, or
+        ``_recompute`` / ``_mini_batch`` on a batch): no task, rollout engine or run folder.
+        For tests and benchmarks that bring their own rollouts."""
+        self = cls.__new__(cls)
+        self.cfg, self.run_dir = cfg, Path(cfg.run.dir)
+        self.rank, self.world = init_distributed()
+        self.skipped_steps, self.skip_streak, self.current_step = 0, 0, 0
+        self._init_update(model_path)
+        return self
+
+    def _init_update(self, model_path: str) -> None:
+        """The policy under DeepSpeed, its tokenizer and the loss settings."""
+        from transformers import AutoTokenizer
+
+        cfg = self.cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.mini = cfg.optim.mini_batch_size or cfg.task.prompts_per_step * cfg.rollout.k
+        self.policy = PolicyEngine(cfg, model_path, self.mini // cfg.optim.micro_batch_size)
         self.loss_kwargs = cfg.objective.policy_loss_kwargs()
         self.loss_kwargs.pop("entropy_adv_norm")
         self.fused_head = choose_lm_head(cfg.objective.lm_head, self.policy, self.rank)
@@ -262,6 +277,7 @@ class Trainer:
 
     def update(self, trajectories) -> dict[str, float]:
         """Advantages, old log-probs, then ppo_epochs x mini-batches of fused-loss updates."""
+        self.policy.take_token_counts()  # count this update's forwards only
         batch = _shifted(flatten(trajectories, self.tokenizer.pad_token_id))
         adv = group_advantages(batch["rewards"], batch["group_ids"])
         batch["advantages"] = adv[:, None].expand_as(batch["mask"]).contiguous()
@@ -275,6 +291,9 @@ class Trainer:
         out["rollout_logp_diff"] = _masked_mean_abs(
             batch["old_logp"] - batch["rollout_logp"], batch["mask"]
         )
+        forwarded, flat = self.policy.take_token_counts()
+        if flat:  # train.packing=tree: tokens forwarded over the flat batch's real tokens
+            out["tree_token_ratio"] = forwarded / flat
         out["grad_norm"] = self.policy.grad_norm()
         out["skipped"] = float(sum(logged.get("skipped", [0.0])))
         out["skipped_steps"] = float(self.skipped_steps)
@@ -288,36 +307,29 @@ class Trainer:
         for lo in range(0, batch["input_ids"].shape[0], micro):
             rows = slice(lo, lo + micro)
             labels = torch.where(batch["mask"][rows].bool(), batch["labels"][rows], -100)
-            lp, h, keep = self._logprobs(batch, rows, labels)
-            logp.append(unpack(lp, keep).cpu())
-            ent.append(unpack(h, keep).cpu())
+            lp, h = self._logprobs(batch, rows, labels)
+            logp.append(lp.cpu())
+            ent.append(h.cpu())
         return torch.cat(logp), torch.cat(ent)
 
     def _logprobs(self, batch, rows: slice, labels: torch.Tensor):
-        """(logp, entropy, keep) of micro-batch rows: from hidden states x lm_head on the fused
-        path, from the logits otherwise (packed like the model's outputs, see ``pack``)."""
+        """[B, L] (logp, entropy) of micro-batch rows: from hidden states x lm_head on the fused
+        path, from the logits otherwise."""
         ids, attn = batch["input_ids"][rows], batch["attention_mask"][rows]
         kw = {"temperature": self.cfg.rollout.temperature, "backend": self.cfg.objective.backend}
-        if self.fused_head:
-            return self.policy.fused_logprobs(ids, attn, labels, **kw)
-        logits, keep = self.policy.logits(ids, attn)
-        y = pack(labels, keep).to(logits.device)
-        return (*logprobs_and_entropy(logits, y, **kw), keep)
+        return self.policy.logprobs(ids, attn, labels, fused=self.fused_head, **kw)
 
     def _micro_loss(self, batch, r: slice, **kwargs):
-        """The policy loss of micro-batch rows ``r``, from hidden states or from logits."""
+        """The policy loss of micro-batch rows ``r``, from hidden states or from logits (rows
+        with mask 0 are dropped before the fused head's matmuls)."""
         kwargs |= self.loss_kwargs
         kwargs |= {
             "temperature": self.cfg.rollout.temperature,
             "backend": self.cfg.objective.backend,
         }
         rows = (batch["input_ids"][r], batch["attention_mask"][r])
-        tokens = [batch[k][r] for k in ("labels", "old_logp", "advantages", "mask")]
-        if self.fused_head:  # rows with mask 0 are dropped before the matmuls
-            return self.policy.fused_loss(*rows, *tokens, **kwargs)
-        logits, keep = self.policy.logits(*rows)
-        labels, old, adv, m = (pack(t, keep).to(logits.device) for t in tokens)
-        return fused_policy_loss(logits, labels, old, adv, m, inplace_grad=True, **kwargs)
+        tokens = tuple(batch[k][r] for k in ("labels", "old_logp", "advantages", "mask"))
+        return self.policy.policy_loss(*rows, tokens, fused=self.fused_head, **kwargs)
 
     def _mini_batch(self, batch, rows: slice) -> dict[str, float]:
         cfg, group = self.cfg, dist.group.WORLD if self.world > 1 else None

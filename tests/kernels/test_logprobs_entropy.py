@@ -117,7 +117,6 @@ def test_masked_vocabulary_minus_inf(backend, banned, monkeypatch):
     assert (g[:, ban] == 0).all()
 
 
-
 @pytest.mark.parametrize("grads", ["logp", "entropy", "both"])
 def test_backward_tail_lanes_compute_nothing_out_of_range(grads, monkeypatch):
     """All logits <= -40 at T=0.3 with a partial last block: the backward's masked lanes past V
@@ -140,6 +139,7 @@ def test_backward_tail_lanes_compute_nothing_out_of_range(grads, monkeypatch):
     rloss = {"logp": rlp.sum(), "entropy": rent.sum(), "both": (rlp + rent).sum()}[grads]
     (rg,) = torch.autograd.grad(rloss, ref)
     torch.testing.assert_close(g.double(), rg, rtol=0, atol=1e-5)
+
 
 @pytest.mark.parametrize("lanes, vec", [(1, 1), (8, 1), (4, 4), (32, 2)], ids=lambda v: str(v))
 def test_forward_lane_layouts(lanes, vec, monkeypatch):
