@@ -81,22 +81,36 @@ def roll_out(model: Path, args, out: Path) -> None:
 
 
 def token_ratios(batches, pad_id: int, micro: int) -> dict[str, float]:
-    """r over the micro-batches the trainer packs: unique / flat real and / flat padded tokens."""
+    """Over the micro-batches the trainer packs: r = unique / flat real tokens (and over the
+    flat padded grid), and the loss head's (row, label) edges per unique trained row (> 1 by
+    the extra labels of fork rows)."""
+    from aepo.kernels import unique_edges
     from aepo.rollout.trajectory import flatten
+    from aepo.train.loop import _shifted
     from aepo.train.tree_pack import pack_tree
 
-    unique = real = padded = 0
+    n = dict.fromkeys(("unique", "real", "padded", "edges", "rows"), 0)
     for trajectories in batches:
-        tb = flatten(trajectories, pad_id)
-        for lo in range(0, tb.input_ids.shape[0], micro):
-            ids, attn = tb.input_ids[lo : lo + micro], tb.attention_mask[lo : lo + micro]
-            pack = pack_tree(ids, attn)
-            unique, real, padded = (
-                unique + pack.num_tokens,
-                real + pack.flat_tokens,
-                padded + ids.numel(),
+        batch = _shifted(flatten(trajectories, pad_id))
+        for lo in range(0, batch["input_ids"].shape[0], micro):
+            ids, attn = (
+                batch["input_ids"][lo : lo + micro],
+                batch["attention_mask"][lo : lo + micro],
             )
-    return {"r": unique / real, "r_padded": unique / padded, "flat_tokens": real / len(batches)}
+            pack = pack_tree(ids, attn)
+            keep = batch["mask"][lo : lo + micro] > 0
+            edges = unique_edges(pack.index, batch["labels"][lo : lo + micro], keep)
+            n["unique"] += pack.num_tokens
+            n["real"] += pack.flat_tokens
+            n["padded"] += ids.numel()
+            n["edges"] += edges.rows.numel()
+            n["rows"] += edges.rows.unique().numel()
+    return {
+        "r": n["unique"] / n["real"],
+        "r_padded": n["unique"] / n["padded"],
+        "flat_tokens": n["real"] / len(batches),
+        "edges_per_row": n["edges"] / n["rows"],
+    }
 
 
 def _rss_kib(field: str) -> int:
@@ -163,7 +177,10 @@ def render(report: dict) -> str:
         f"examples/synthhop.yaml (k={c['k']}, {c['prompts']} prompts, micro-batch {c['micro']}), "
         f"{c['steps']} rollout batches from the SFT model, each update timed {c['repeats']}x "
         f"(median). r = unique / flat real tokens = **{r['r']:.3f}** (over the padded grid "
-        f"{r['r_padded']:.3f}); {r['flat_tokens']:.0f} real tokens per update.",
+        f"{r['r_padded']:.3f}); {r['flat_tokens']:.0f} real tokens per update. The loss head "
+        "computes each unique trained row once; a trained row predicts "
+        f"{r['edges_per_row']:.3f} distinct labels on average (forks). The flat path computes "
+        "its padded [B, L] grid, as the trainer's flat path does with sdpa.",
         "",
         "| lm_head | packing | update s | tree / flat | target r + 0.10 | peak RSS MiB | "
         "peak above start MiB |",

@@ -36,6 +36,7 @@ from aepo.kernels.reference import accumulator_dtype, finish_pieces, merge_piece
 from aepo.kernels.tree_rows import (
     check_rows,
     occurrences,
+    row_edges,
     to_flat,
     unique_edges,
     unique_table,
@@ -149,8 +150,15 @@ def linear_logprobs_and_entropy(
     """
     args = (temperature, ignore_index, backend, process_group)
     if rows is not None:
-        inv_t, backend, keep, edges, x, local = _kept_edges(hidden, weight, labels, rows, *args)
-        logp_e, ent_e = _LinearLogpEntropy.apply(x, weight, local, inv_t, backend, process_group)
+        inv_t, backend, keep, edges, table, start = _kept_edges(hidden, weight, labels, rows, *args)
+        wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        if wants_grad or process_group is not None:  # differentiable: once per (row, label)
+            x = table.index_select(0, edges.rows)
+            local = _local_labels(edges.labels - start, weight)
+            args = (inv_t, backend, process_group)
+            logp_e, ent_e = _LinearLogpEntropy.apply(x, weight, local, *args)
+        else:
+            logp_e, ent_e = _unique_row_logprobs(table, weight, edges, inv_t, backend)
         return to_flat(logp_e, edges, keep), to_flat(ent_e, edges, keep)
     inv_t, backend, keep, x, local = _kept_rows(hidden, weight, labels, *args)
     logp_k, ent_k = _LinearLogpEntropy.apply(x, weight, local, inv_t, backend, process_group)
@@ -180,17 +188,32 @@ def _kept_rows(hidden, weight, labels, temperature, ignore_index, backend, proce
 
 def _kept_edges(hidden, weight, labels, rows, temperature, ignore_index, backend, process_group):
     """Checked inputs on unique tree rows as (1 / T, backend, keep [...] bool kept positions,
-    edges (:class:`~aepo.kernels.tree_rows.Edges`), x [E, H] the edges' hidden rows (a gather:
-    its backward sums onto the unique rows), local [E] as in :func:`_kept_rows`)."""
+    edges (:class:`~aepo.kernels.tree_rows.Edges`), the [R, H] table of unique rows, this
+    rank's first vocabulary id)."""
     inv_t = check_temperature(temperature)
     vocab_start, vocab_total = shard_layout(check_hidden_weight(hidden, weight), process_group)
     table = unique_table(hidden, "hidden")  # [R, H]
     labels = check_rows(rows, labels, table, "hidden", vocab_total, ignore_index)
     backend = resolve_backend(backend, hidden)
     keep = labels != ignore_index
-    edges = unique_edges(rows, labels, keep)
-    x = table.index_select(0, edges.rows)
-    return inv_t, backend, keep, edges, x, _local_labels(edges.labels - vocab_start, weight)
+    return inv_t, backend, keep, unique_edges(rows, labels, keep), table, vocab_start
+
+
+def _unique_row_logprobs(table, weight, edges, inv_t, backend):
+    """Per-edge (logp [E], entropy [E]), not differentiable, with the head run once per unique
+    row (its primary label): a fork row's extra label y gets (z_y - z_y0) / T + logp_y0, the
+    same log-sum-exp, from two [X, H] dot products in the accumulator dtype."""
+    re = row_edges(edges)
+    x = table.index_select(0, re.rows)  # [U, H]
+    logp_u, ent_u = _LinearLogpEntropy.apply(x, weight, re.primary, inv_t, backend, None)
+    logp_e, ent_e = logp_u[re.local], ent_u[re.local]
+    if len(re.starts) - 1 < edges.rows.numel():  # some rows fork
+        xr = re.local[re.extra]
+        xs = x[xr].to(logp_u.dtype)
+        dot = lambda y: (xs * weight[y].to(logp_u.dtype)).sum(-1)
+        gap = (dot(edges.labels[re.extra]) - dot(re.primary[xr])) * inv_t
+        logp_e[re.extra] = gap + logp_u[xr]
+    return logp_e, ent_e
 
 
 def _local_labels(y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -300,26 +323,80 @@ def _single_pass_loss(
         )
         token_grads = _block_gradients(keep, *tokens)
         to_grid = lambda values: _scatter(values, keep, mask.shape)
-    else:
-        inv_t, backend, kept, edges, x, local = _kept_edges(
+        forks = None
+    else:  # each unique row once, its extra labels (forks) through the hooks
+        inv_t, backend, kept, edges, table, _ = _kept_edges(
             hidden, weight, labels, rows, temperature, -100, backend, None
         )
         occ = occurrences(kept.reshape(-1).nonzero().squeeze(1), edges)
-        token_grads = _block_gradients(occ.flat, *tokens, occ)
+        re = row_edges(edges)
+        x, local, token_grads = table.index_select(0, re.rows), re.primary, None
+        forks = _ForkHooks(re, edges.labels, _block_gradients(occ.flat, *tokens, occ), inv_t)
         to_grid = lambda values: to_flat(values, edges, kept)
     need_dw, impl = weight.requires_grad, _backend_module(backend)
     logp_k, ent_k, dx, dw = linear_single_pass.linear_loss_single_pass(
-        x.detach(), weight.detach(), local, inv_t, token_grads, need_dw, impl
+        x.detach(), weight.detach(), local, inv_t, token_grads, need_dw, impl, forks
     )
+    if forks is not None:  # per unique row -> per edge
+        logp_k, ent_k = forks.edge_logp(logp_k), ent_k[re.local]
     logp, entropy = to_grid(logp_k), to_grid(ent_k)
     with torch.no_grad():
         loss, metrics = policy_loss(logp, old_logp, advantages, mask, entropy=entropy, **kw)
     if rows is None:
         d_hidden = _scatter(dx.to(hidden.dtype), keep, mask.shape)
-    else:  # the edges' row gradients summed onto the unique rows
+    else:  # onto the unique rows of the table
         d_hidden = hidden.new_zeros(hidden.shape)
-        d_hidden.view(-1, hidden.shape[-1]).index_add_(0, edges.rows, dx.to(hidden.dtype))
+        d_hidden.view(-1, hidden.shape[-1]).index_copy_(0, re.rows, dx.to(hidden.dtype))
     return _PrecomputedGradient.apply(hidden, weight, loss, d_hidden, dw), metrics
+
+
+class _ForkHooks:
+    """``forks`` of :func:`~aepo.kernels.linear_single_pass.linear_loss_single_pass` on the
+    unique rows of a packed tree (:class:`~aepo.kernels.tree_rows.RowEdges`).
+
+    The pass computes each unique row once, with its primary label y0. A further label y of
+    the row (a fork) shares the row's log-sum-exp: logp_y = (z_y - z_y0) / T + logp_y0, read
+    from the block's logits before the row work rewrites them. The objective runs on every
+    edge of the block (``edge_grads``: over occurrences, :func:`_edge_gradients`); the row
+    kernel gets the row's summed (dL/dlogp, dL/dH), which puts sum_e g_e at y0, and
+    :meth:`correct` moves each extra edge's g_x / T from y0 to its own label in dz."""
+
+    def __init__(self, re, labels: torch.Tensor, edge_grads, inv_t: float):
+        self.re, self.labels, self.edge_grads, self.inv_t = re, labels, edge_grads, inv_t
+        self.logp_e: torch.Tensor | None = None  # [E], filled block by block
+        self.fix = None
+
+    def bind(self, r: slice, z: torch.Tensor):
+        """The block ``r`` of unique rows, its unscaled logits ``z`` [R, V]: token_grads."""
+        re = self.re
+        e = slice(re.starts[r.start], re.starts[min(r.stop, len(re.starts) - 1)])
+        local, extra = re.local[e] - r.start, re.extra[e]  # [E_r] row in the block, is a fork
+        xr, xy = local[extra], self.labels[e][extra]
+        y0 = re.primary[r][xr]
+        gap = (z[xr, xy] - z[xr, y0]) * self.inv_t
+
+        def token_grads(rows: slice, lp: torch.Tensor, h: torch.Tensor):
+            lp_e = lp[local].index_put((extra.nonzero().squeeze(1),), gap.to(lp.dtype) + lp[xr])
+            if self.logp_e is None:
+                self.logp_e = lp.new_empty(re.local.shape[0])
+            self.logp_e[e] = lp_e
+            g, g_h = self.edge_grads(e, lp_e, h[local])
+            on_rows = lambda v: None if v is None else torch.zeros_like(lp).index_add_(0, local, v)
+            self.fix = (xr, xy, y0, g[extra] * self.inv_t)
+            return on_rows(g), on_rows(g_h)
+
+        return token_grads
+
+    def correct(self, dz: torch.Tensor) -> None:
+        """dz [R, V] += g_x / T at (row, y) and -= it at (row, y0), for the block's forks."""
+        xr, xy, y0, g = self.fix
+        if xr.numel():
+            where = (torch.cat([xr, xr]), torch.cat([xy, y0]))
+            dz.index_put_(where, torch.cat([g, -g]).to(dz.dtype), accumulate=True)
+
+    def edge_logp(self, logp_rows: torch.Tensor) -> torch.Tensor:
+        """[E] per-edge log-probs (every block seen); ``logp_rows`` when there was none."""
+        return logp_rows[:0] if self.logp_e is None else self.logp_e
 
 
 def _block_gradients(index, old_logp, advantages, mask, kw, occ=None):

@@ -79,6 +79,7 @@ def linear_loss_single_pass(
     token_grads: TokenGrads,
     need_dw: bool = True,
     impl: ModuleType = linear_torch,
+    forks=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(logp [N], entropy [N] in the accumulator dtype, dX [N, H] in x's dtype, dW [V, H] in
     w's dtype or None) in one pass over the rows.
@@ -92,6 +93,10 @@ def linear_loss_single_pass(
         need_dw: False skips the dW GEMM (a frozen weight).
         impl: the backend module whose ``loss_block`` does a block's row work
             (:mod:`~aepo.kernels.linear_torch` or :mod:`~aepo.kernels.linear_gemm`).
+        forks: rows with more labels than ``labels`` (packed trees), or None: an object whose
+            ``bind(rows, z)`` reads the block's logits before the row work and returns its
+            ``token_grads``, and whose ``correct(dz)`` then adds the extra labels' terms to dz
+            (``aepo.kernels.linear._ForkHooks``).
     """
     (n, h), acc = x.shape, accumulator_dtype(x.dtype)
     logp, entropy = (torch.empty(n, dtype=acc, device=x.device) for _ in range(2))
@@ -102,9 +107,10 @@ def linear_loss_single_pass(
     for r0 in range(0, n, step):
         r = slice(r0, r0 + step)
         z = _gemm.mm_acc(x[r], w_mm.T)  # [R, V] logits, unscaled
-        logp[r], entropy[r], dz = impl.loss_block(
-            z, labels[r], inv_temperature, token_grads, r, w.dtype
-        )
+        grads = token_grads if forks is None else forks.bind(r, z)
+        logp[r], entropy[r], dz = impl.loss_block(z, labels[r], inv_temperature, grads, r, w.dtype)
+        if forks is not None:
+            forks.correct(dz)
         del z  # before the next block's z (dz may be it)
         _gemm.mm_into(dx[r], dz, w_mm)
         if dw is not None:

@@ -49,6 +49,28 @@ def unique_edges(rows: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor) -
     return Edges(key // span, key % span, inverse)
 
 
+class RowEdges(NamedTuple):
+    """:class:`Edges` grouped by their row: each distinct trained row once, with its first
+    edge's label as its primary label; the row's further edges (fork points, where branches
+    predict different next tokens) are its extra labels."""
+
+    rows: torch.Tensor  # [U] long: packed row of each unique trained row
+    primary: torch.Tensor  # [U] long: the label of its first edge
+    local: torch.Tensor  # [E] long: the unique row (index into U) of each edge
+    extra: torch.Tensor  # [E] bool: the edge is not its row's first
+    starts: list[int]  # host [U + 1]: row u's edges are starts[u]:starts[u + 1]
+
+
+def row_edges(edges: Edges) -> RowEdges:
+    """:class:`RowEdges` of ``edges`` (sorted by row). One host sync (``starts``)."""
+    first = torch.ones_like(edges.rows, dtype=torch.bool)
+    first[1:] = edges.rows[1:] != edges.rows[:-1]
+    head = first.nonzero().squeeze(1)  # [U]
+    starts = [*head.tolist(), edges.rows.numel()]
+    local = torch.cumsum(first, 0) - 1
+    return RowEdges(edges.rows[head], edges.labels[head], local, ~first, starts)
+
+
 class Occurrences(NamedTuple):
     """The kept positions sorted by edge, so that a block of edges is a range of them."""
 

@@ -269,14 +269,16 @@ def test_linear_matches_flat(monkeypatch, dtype, path):
         monkeypatch.setattr(linear, "_single_pass", lambda *a: False)
     for seed, temperature in ((0, 1.0), (1, 0.7)):
         case = make_case(seed, dtype)
-        n_edges = len(_edges_by_hand(case["rows"], case["labels"], case["mask"]))
+        edges = _edges_by_hand(case["rows"], case["labels"], case["mask"])
+        n_edges, n_rows = len(edges), len({row for row, _ in edges})
+        assert n_rows < n_edges  # fork rows: the single pass takes each row once
         for i, (name, kw, natural) in enumerate(_objectives(case)):
             spy = _Spy(monkeypatch)
             ours = _ours_linear(case, kw, temperature, "torch", batched=i % 2 == 1)
             _compare(ours, case, kw, temperature)
             ran = natural if path == "natural" else "recompute"
             assert (spy.single, spy.recompute) == (
-                ([n_edges], []) if ran == "single" else ([], [n_edges])
+                ([n_rows], []) if ran == "single" else ([], [n_edges])
             ), name
 
 
@@ -302,6 +304,36 @@ def test_linear_logprobs_and_entropy_rows():
     for name, a, b in zip(("logp", "entropy", "dx", "dw"), ours, ref, strict=True):
         assert max_err(a, b) <= FP64_TOL * b.abs().max().item(), name
     assert (ours[0][~case["mask"].bool()] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_linear_logprobs_and_entropy_rows_no_grad(monkeypatch, dtype):
+    """Without autograd (the trainer's old log-probs) the head runs once per unique row, a
+    fork row's extra labels from their logit gap to the primary label's: within the tolerance
+    rule of the flat computation."""
+    case = make_case(4, dtype)
+    labels = case["labels"].where(case["mask"].bool(), -100)
+    edges = _edges_by_hand(case["rows"], case["labels"], case["mask"])
+    spy = _Spy(monkeypatch)
+    with torch.no_grad():
+        ours = linear_logprobs_and_entropy(
+            case["hidden"],
+            case["weight"],
+            labels,
+            temperature=0.7,
+            backend="torch",
+            rows=case["rows"],
+        )
+    assert spy.recompute == [len({row for row, _ in edges})] < [len(edges)]
+    x = case["hidden"][case["rows"].clamp(min=0)]
+    plain = naive_linear_logprobs_and_entropy(x, case["weight"], labels, 0.7)
+    exact = naive_linear_logprobs_and_entropy(_up(x), _up(case["weight"]), labels, 0.7)
+    keep = case["mask"].bool()
+    for name, a, b, e in zip(("logp", "entropy"), ours, plain, exact, strict=True):
+        if dtype == torch.float64:
+            assert max_err(a[keep], e[keep]) <= FP64_TOL * e[keep].abs().max().item(), name
+        else:
+            assert_within_rule(name, a[keep], b[keep], e[keep], a.dtype)
 
 
 def test_linear_triton_interpreted(monkeypatch):
