@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -58,3 +65,20 @@ def spawn_ranks(worker, world: int, out_dir, timeout_s: float = 180) -> list[dic
                 p.join()
             pytest.fail("distributed workers timed out")
     return [torch.load(f"{out_dir}/rank{r}.pt") for r in range(world)]
+
+
+def torchrun(worker: Path, *args: str, ranks: int = 2, timeout: float = 600, **env: str):
+    """``worker`` under torchrun on ``ranks`` CPU (gloo) ranks with the project importable and
+    the torch backends (no Triton interpreter); its CompletedProcess, asserted to exit 0."""
+    environ = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), **env)
+    environ.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    proc = subprocess.run(
+        [*cmd, str(worker), *map(str, args)],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

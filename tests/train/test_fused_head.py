@@ -6,9 +6,6 @@ gradient reaches the partitioned parameter like the model's own lm_head's would)
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,11 +13,11 @@ import torch
 
 from aepo.models import build_model, save, train_tokenizer
 from aepo.train.engine import fused_head_blocker
+from tests.helpers import torchrun
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parents[1]
 WORKER = Path(__file__).with_name("fused_head_worker.py")
 TEXTS = [f"the {a} of {b} is {c}" for a in "xyz" for b in "abc" for c in ("p", "q", "r s")]
 
@@ -60,17 +57,7 @@ def models(tmp_path_factory) -> dict[bool, Path]:
 
 
 def _run(model: Path, stage: int, out: Path) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)  # the trainer runs the torch backends on CPU
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
-    proc = subprocess.run(
-        [*cmd, str(model), str(stage), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(WORKER, model, stage, out)
     assert "objective.lm_head=fused: policy loss from hidden states" in proc.stdout
     return torch.load(out)
 

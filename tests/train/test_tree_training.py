@@ -6,20 +6,17 @@ relative, on rollout trees with forks three deep, ragged branches and mixed-sign
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from aepo.models import build_model, save, train_tokenizer
+from tests.helpers import torchrun
 
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parents[1]
 WORKER = Path(__file__).with_name("tree_worker.py")
 TEXTS = [f"the {a} of {b} is {c}" for a in "xyz" for b in "abc" for c in ("p", "q", "r s")]
 REL = 1e-6  # issue 20: loss and gradients within 1e-6 relative in fp32
@@ -42,17 +39,7 @@ def model(tmp_path_factory) -> Path:
 
 
 def _run(model: Path, stage: int, out: Path) -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)  # the trainer runs the torch backends on CPU
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
-    proc = subprocess.run(
-        [*cmd, str(model), str(stage), str(out)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(WORKER, model, stage, out, timeout=900)
     return torch.load(out)
 
 

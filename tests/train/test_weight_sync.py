@@ -14,8 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 import types
 import weakref
 from pathlib import Path
@@ -24,11 +22,10 @@ import pytest
 import torch
 
 from aepo.models import build_model, save, train_tokenizer
-from tests.helpers import spawn_ranks
+from tests.helpers import spawn_ranks, torchrun
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("sync_worker.py")
 TEXTS = [
     f"the {a} of {b} is {c} {d}" for a in "uvwxyz" for b in "abcdef" for c in "pqr" for d in "st"
@@ -54,14 +51,8 @@ def test_streaming_sync_matches_trainer(tmp_path):
         # ~9 MiB: nine buckets of deepspeed.sync_bucket_mb=1 (sync_worker.py)
         model = build_model(tok, hidden=256, layers=2, heads=4, tie_embeddings=tied)
         dirs.append(str(save(model, tok, tmp_path / f"tied{int(tied)}")))
-    env = dict(os.environ, DS_ACCELERATOR="cpu", VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)  # the trainer runs the torch backends on CPU
     out = tmp_path / "out.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(WORKER)]
-    proc = subprocess.run(
-        [*cmd, str(out), *dirs], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = torchrun(WORKER, out, *dirs, VLLM_CPU_KVCACHE_SPACE="1")
     assert "were not loaded" not in proc.stdout + proc.stderr  # vLLM's missing-weights warning
     ranks = json.loads(out.read_text())
     assert len(ranks) == 2
