@@ -46,9 +46,10 @@ def eval_samples(task, per_hop: int, seed: int) -> list[dict]:
 
 def run_eval(engine, tokenizer, task, samples) -> dict[str, float]:
     from aepo.evaluate import evaluate
+    from aepo.rollout.tree import RolloutConfig
 
-    return evaluate(engine, tokenizer, task.tools(), samples, task.reward,
-                    max_response_tokens=160, max_tool_calls=4, max_result_tokens=64)  # fmt: skip
+    budgets = RolloutConfig(max_response_tokens=160, max_tool_calls=4, max_result_tokens=64)
+    return evaluate(engine, tokenizer, task.tools(), samples, task.reward, rollout=budgets)
 
 
 def rl(args, model_path: Path, run_dir: Path, mode: str) -> Path:

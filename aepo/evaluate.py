@@ -5,6 +5,7 @@ use :func:`evaluate`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -15,39 +16,36 @@ from tqdm import tqdm
 from aepo.rollout.branching import BranchConfig
 from aepo.rollout.engines.base import SamplingConfig
 from aepo.rollout.tree import RolloutConfig, TreeRollout
+from aepo.tasks.base import group_label
 
 SCORES = ("em", "f1", "format_ok", "tool_calls")
 
 
 def evaluate(engine, tokenizer, tools: Mapping, samples: Sequence[Mapping], reward, *,
-             group_by: str | None = "hops", temperature: float = 0.0, k: int = 1,
-             max_response_tokens: int = 256, max_tool_calls: int = 6,
-             max_result_tokens: int = 96, seed: int = 0, batch_size: int = 256,
+             rollout: RolloutConfig | None = None, group_by: str | None = "hops",
+             temperature: float = 0.0, k: int = 1, batch_size: int = 256,
              encode: Callable[[Mapping], list[int]] | None = None,
-             protocol: Mapping | None = None, records: list | None = None,
-             progress: bool = False) -> dict[str, float]:  # fmt: skip
+             records: list | None = None, progress: bool = False) -> dict[str, float]:  # fmt: skip
     """Exact match, F1, format rate and tool calls, overall and per ``sample[group_by]``.
 
     Args:
+        rollout: the rollout settings (budgets, tags, tool deadline, seed; the defaults of
+            :class:`~aepo.rollout.tree.RolloutConfig` when None); its branching and sampling
+            are replaced by ``k`` flat rollouts per question at ``temperature``.
         k: rollouts per question (``temperature`` > 0 for k > 1); adds ``pass@k`` (share of
             questions with at least one exact match) when k > 1.
         encode: sample -> prompt token ids (a task's ``encode_prompt``); default
             ``tokenizer.encode(sample["prompt"])``.
-        protocol: the task's tool_tags / result_tag / answer_tag for the rollout.
         records: if given, one dict per rollout is appended (question index, response text,
             extracted answer, reward, em, f1, format, tool calls).
     Returns:
         keys like ``em``, ``em_2hop`` (for group_by="hops"), ``n_2hop``, ``tool_calls``,
         ``format_error``, ``pass@4``.
     """
-    cfg = RolloutConfig(
+    cfg = dataclasses.replace(
+        rollout or RolloutConfig(),
         branch=BranchConfig(mode="flat", k=k),
         sampling=SamplingConfig(temperature=temperature, logprobs_k=1),
-        max_response_tokens=max_response_tokens,
-        max_tool_calls=max_tool_calls,
-        max_result_tokens=max_result_tokens,
-        seed=seed,
-        **(protocol or {}),
     )
     encode = encode or (lambda s: tokenizer.encode(s["prompt"]))
     rollout = TreeRollout(engine, tokenizer, tools, cfg)
@@ -93,11 +91,6 @@ def _record(index: int, trajectory, text: str, res) -> dict:
     }
 
 
-def group_label(group_by: str, value) -> str:
-    """Metric-name suffix of one group: ``2hop`` for hops=2, else ``<field>=<value>``."""
-    return f"{value}hop" if group_by == "hops" else f"{group_by}={value}"
-
-
 def _summarise(per_group: dict[str, list]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, rows in sorted(per_group.items()):
@@ -120,7 +113,7 @@ def run(cfg, model: str | None = None, out_dir: str | Path | None = None) -> Pat
     from transformers import AutoTokenizer
 
     from aepo.tasks.base import get_task
-    from aepo.train.loop import make_engine, prompt_encoder, task_protocol
+    from aepo.train.rollout import make_engine, rollout_config
 
     run_dir = Path(cfg.run.dir)
     model = model or _default_model(cfg, run_dir)
@@ -128,16 +121,12 @@ def run(cfg, model: str | None = None, out_dir: str | Path | None = None) -> Pat
     samples = list(task.samples("eval"))[: cfg.eval.max_questions]
     tokenizer = AutoTokenizer.from_pretrained(model)
     engine = make_engine(cfg, model, 1, tokenizer)
-    r, e = cfg.rollout, cfg.eval
+    e = cfg.eval
     kw = {
-        "group_by": getattr(task, "metric_group", None),
-        "max_response_tokens": r.max_response_tokens,
-        "max_tool_calls": r.max_tool_calls,
-        "max_result_tokens": r.max_result_tokens,
-        "seed": cfg.run.seed,
+        "rollout": rollout_config(cfg, task.protocol(tokenizer)),  # tool deadline included
+        "group_by": task.metric_group,
         "batch_size": e.batch_size,
-        "encode": prompt_encoder(task, tokenizer),
-        "protocol": task_protocol(task, tokenizer),
+        "encode": lambda sample: task.encode_prompt(sample, tokenizer),
         "progress": True,
     }
     greedy: list[dict] = []

@@ -125,7 +125,8 @@ def make_trainer(model_dir: Path, bucket_mb: int):
 
     from aepo.train.config import load_config
     from aepo.train.engine import PolicyEngine
-    from aepo.train.loop import Trainer, make_engine
+    from aepo.train.loop import Trainer
+    from aepo.train.rollout import make_engine
 
     overrides = ["deepspeed.zero_stage=3", f"deepspeed.sync_bucket_mb={bucket_mb}"]
     cfg = load_config(None, [*overrides, "optim.lr=0.001", "logging.sync_check_tokens=8"])

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from aepo.rollout.rewards import QAReward, RewardConfig, RewardFn, check_tags
-from aepo.tasks.base import register
+from aepo.tasks.base import Task, register
 from aepo.tasks.qa_data import DataError, Fields, cached_search_tool, open_rows, qa_rows
 
 DEFAULT_SYSTEM = (
@@ -135,7 +135,7 @@ def load_reward_function(spec: str) -> RewardFn:
 
 
 @register("qa")
-class QATask:
+class QATask(Task):
     """A question-answering task over the user's files; see the module docstring."""
 
     name = "qa"

@@ -13,7 +13,7 @@ from pathlib import Path
 from aepo.models import build_model, save, train_lm, train_tokenizer
 from aepo.rollout.rewards import QAReward, RewardConfig
 from aepo.rollout.tools.search import Document, SearchTool
-from aepo.tasks.base import register
+from aepo.tasks.base import Task, register
 
 NAMES = [
     "alba",
@@ -64,7 +64,7 @@ def build(path: Path, steps: int = 150, seed: int = 0) -> Path:
 
 
 @register("toy")
-class ToyTask:
+class ToyTask(Task):
     """The toy lookup task behind the :class:`~aepo.tasks.base.Task` interface."""
 
     name = "toy"

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -12,7 +13,9 @@ from pathlib import Path
 import yaml
 
 from aepo.loss import PolicyLossConfig
-from aepo.rollout.branching import MODES
+from aepo.rollout.branching import MODES, BranchConfig
+from aepo.rollout.engines.base import SamplingConfig
+from aepo.rollout.tree import RolloutConfig
 
 
 class ConfigError(ValueError):
@@ -34,25 +37,30 @@ class TaskConfig:
     module: str | None = None  # a module imported first: it may register your own tasks
 
 
+# The rollout section sets the fields of the rollout's own dataclasses by name (see
+# aepo.train.rollout.rollout_config); their defaults are defined there, once.
+_B, _S, _R = BranchConfig, SamplingConfig, RolloutConfig
+
+
 @dataclass(frozen=True)
 class RolloutSection:
     engine: str = "vllm"  # vllm or hf
-    mode: str = "aepo"  # aepo, aepo-fixed, arpo, flat
-    k: int = 4  # trajectories per prompt
-    m_fixed: int | None = None  # global samples in fixed modes (None: k // 2)
-    beta: float = 0.5  # pre-monitoring sharpness
-    tau: float = 0.5  # branch threshold
-    gamma: float = 0.2  # entropy-difference weight
-    lam: float = 0.05  # consecutive-branch penalty
-    z: int = 1  # continuations per fork
-    temperature: float = 1.0  # sampling temperature (the loss uses the same)
-    top_p: float = 1.0  # nucleus sampling
-    logprobs_k: int = 20  # top-k log-probs for the entropy estimate
-    max_response_tokens: int = 256  # response budget per trajectory
-    max_tool_calls: int = 6  # tool calls per trajectory
-    max_result_tokens: int = 96  # tool result budget in tokens
-    window: int = 20  # W tokens for the segment entropy
-    tool_timeout_s: float = 30.0  # per tool call; past it the call gets error="timeout"
+    mode: str = _B.mode  # aepo, aepo-fixed, arpo, flat
+    k: int = _B.k  # trajectories per prompt
+    m_fixed: int | None = _B.m_fixed  # global samples in fixed modes (None: k // 2)
+    beta: float = _B.beta  # pre-monitoring sharpness
+    tau: float = _B.tau  # branch threshold
+    gamma: float = _B.gamma  # entropy-difference weight
+    lam: float = _B.lam  # consecutive-branch penalty
+    z: int = _B.z  # continuations per fork
+    temperature: float = _S.temperature  # sampling temperature (the loss uses the same)
+    top_p: float = _S.top_p  # nucleus sampling
+    logprobs_k: int = _S.logprobs_k  # top-k log-probs for the entropy estimate
+    max_response_tokens: int = _R.max_response_tokens  # response budget per trajectory
+    max_tool_calls: int = _R.max_tool_calls  # tool calls per trajectory
+    max_result_tokens: int = _R.max_result_tokens  # tool result budget in tokens
+    window: int = _R.window  # W tokens for the segment entropy
+    tool_timeout_s: float = _R.tool_timeout_s  # seconds per tool call, then error="timeout"
     cpu_kv_cache_gib: int = 1  # vLLM KV cache on CPU
     gpu_memory_utilization: float = 0.3  # vLLM share of GPU memory when colocated
 
@@ -121,6 +129,15 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
 
+# Keys of the shared section dataclasses that the trainer does not take: setting one is an
+# error that says where the setting lives (the config reference leaves them out).
+REMOVED = {
+    "objective.temperature": "the loss divides by the sampling temperature: set "
+    "rollout.temperature",
+    "objective.inplace_grad": "the trainer always writes dL/dlogits into the logits' storage "
+    "(the logits path keeps no [N, V] gradient buffer)",
+}
+
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
@@ -161,6 +178,9 @@ def _build(cls, raw, prefix: str):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
+    for name in raw:
+        if f"{prefix}{name}" in REMOVED:
+            raise ConfigError(f"{prefix}{name} is not a trainer setting: {REMOVED[prefix + name]}")
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         where = prefix.rstrip(".") or "the top level"
@@ -212,6 +232,11 @@ def _validate(cfg: TrainConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(map(str, allowed))}")
+    if cfg.model.dtype == "bfloat16" and not _has_cuda():
+        raise ConfigError(
+            "model.dtype=bfloat16 needs a CUDA GPU: on CPU the trainer and vLLM run in float32 "
+            "(model.dtype=auto picks bfloat16 on a GPU)"
+        )
     if cfg.model.path is not None and not (Path(cfg.model.path) / "config.json").is_file():
         raise ConfigError(f"model.path {cfg.model.path!r} is not a model folder (no config.json)")
     positive = {
@@ -226,13 +251,10 @@ def _validate(cfg: TrainConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")
+    if not (math.isfinite(cfg.rollout.temperature) and cfg.rollout.temperature > 0):
+        raise ConfigError(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}")
     if not cfg.rollout.tool_timeout_s > 0:
         raise ConfigError(f"rollout.tool_timeout_s must be > 0, got {cfg.rollout.tool_timeout_s}")
-    if cfg.objective.temperature not in (1.0, cfg.rollout.temperature):
-        raise ConfigError(
-            "objective.temperature is taken from rollout.temperature (the loss must divide by "
-            "the sampling temperature); set rollout.temperature instead"
-        )
     packed = cfg.model.attn_implementation == "flash_attention_2" and cfg.train.packing == "flat"
     if packed and (
         cfg.objective.agg not in ("token-mean", "constant")
@@ -252,6 +274,12 @@ def _validate(cfg: TrainConfig) -> None:
             f"(task.prompts_per_step x rollout.k), and optim.micro_batch_size "
             f"({cfg.optim.micro_batch_size}) must divide it"
         )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -278,16 +306,17 @@ def _validate_cross(cfg: TrainConfig) -> None:
     from aepo.tasks.base import task_class
 
     try:
-        check = getattr(task_class(cfg.task.name, cfg.task.module), "check_options", None)
-        if check is not None:
-            check(cfg.task.options)
-    except (ValueError, ImportError) as exc:
+        task_class(cfg.task.name, cfg.task.module).check_options(cfg.task.options)
+    except (ValueError, TypeError, ImportError) as exc:
         raise ConfigError(f"task: {exc}") from exc
 
 
 def to_dict(cfg) -> dict:
-    """Plain nested dict (tuples as lists) for YAML."""
+    """Plain nested dict (tuples as lists) for YAML, without the :data:`REMOVED` keys."""
     out = dataclasses.asdict(cfg)
+    for key in REMOVED:
+        section, name = key.split(".")
+        out.get(section, {}).pop(name, None)
 
     def plain(x):
         if isinstance(x, dict):
@@ -330,6 +359,8 @@ def config_reference() -> str:
         lines += [f"## `{section.name}`", "", "| key | default | |", "|---|---|---|"]
         notes = _field_comments(type(value))
         for f in dataclasses.fields(value):
+            if f"{section.name}.{f.name}" in REMOVED:
+                continue
             default = getattr(value, f.name)
             shown = "{}" if default == {} else yaml.safe_dump(default, default_flow_style=True)
             shown = shown.strip().removesuffix("...").strip()

@@ -7,8 +7,6 @@ vLLM (+ log-prob check) -> metrics -> checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import time
 from pathlib import Path
 
@@ -17,83 +15,19 @@ import torch
 import torch.distributed as dist
 
 from aepo.distributed import all_reduce
-from aepo.evaluate import group_label
 from aepo.objectives import entropy_statistics, group_advantages
-from aepo.rollout.branching import BranchConfig
 from aepo.rollout.engines.base import GenRequest, SamplingConfig
 from aepo.rollout.trajectory import flatten
-from aepo.rollout.tree import RolloutConfig, TreeRollout
-from aepo.tasks.base import get_task
+from aepo.rollout.tree import TreeRollout
+from aepo.tasks.base import get_task, group_label
 from aepo.train import checkpoint
 from aepo.train.config import ConfigError, TrainConfig, dump_config
 from aepo.train.engine import PolicyEngine, fused_head_blocker, init_distributed
 from aepo.train.metrics import MetricsLogger
 from aepo.train.preempt import Preemption
+from aepo.train.rollout import make_engine, rollout_config
 
 TIMING_KEYS = ("time_rollout", "time_train", "time_sync", "gen_tokens_per_s")
-
-
-def rollout_config(cfg: TrainConfig, protocol: dict | None = None) -> RolloutConfig:
-    """The rollout's settings; ``protocol``: a task's tool_tags / result_tag / answer_tag."""
-    r = cfg.rollout
-    branch = BranchConfig(
-        mode=r.mode,
-        k=r.k,
-        m_fixed=r.m_fixed,
-        beta=r.beta,
-        tau=r.tau,
-        gamma=r.gamma,
-        lam=r.lam,
-        z=r.z,
-    )
-    sampling = SamplingConfig(temperature=r.temperature, top_p=r.top_p, logprobs_k=r.logprobs_k)
-    return RolloutConfig(
-        branch=branch,
-        sampling=sampling,
-        max_response_tokens=r.max_response_tokens,
-        max_tool_calls=r.max_tool_calls,
-        max_result_tokens=r.max_result_tokens,
-        window=r.window,
-        tool_timeout_s=r.tool_timeout_s,
-        seed=cfg.run.seed,
-        **(protocol or {}),
-    )
-
-
-def task_protocol(task, tokenizer) -> dict | None:
-    """A task's rollout tags / result wrappers for this tokenizer (``task.protocol``), if any."""
-    protocol = getattr(task, "protocol", None)
-    return protocol(tokenizer) if callable(protocol) else protocol
-
-
-def prompt_encoder(task, tokenizer):
-    """sample -> prompt token ids: the task's ``encode_prompt`` (e.g. through the chat
-    template) when it has one, else ``tokenizer.encode(sample["prompt"])``."""
-    encode = getattr(task, "encode_prompt", None)
-    if encode is not None:
-        return lambda sample: encode(sample, tokenizer)
-    return lambda sample: tokenizer.encode(sample["prompt"])
-
-
-def make_engine(cfg: TrainConfig, model_path: str, world: int, tokenizer):
-    """The colocated generation engine: one in-process vLLM per rank (or HF)."""
-    if cfg.rollout.engine == "hf":
-        from transformers import AutoModelForCausalLM
-
-        from aepo.rollout.engines.hf import HFEngine
-
-        return HFEngine(AutoModelForCausalLM.from_pretrained(model_path), tokenizer)
-    from aepo.rollout.engines.vllm import VLLMConfig, VLLMEngine
-
-    dtype = "bfloat16" if torch.cuda.is_available() and cfg.model.dtype != "float32" else "float32"
-    vcfg = VLLMConfig(
-        dtype=dtype,
-        cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-        executor="external_launcher" if world > 1 else "uni",
-        seed=cfg.run.seed,
-    )
-    return VLLMEngine(model_path, vcfg)
 
 
 class Trainer:
@@ -109,7 +43,7 @@ class Trainer:
         self.skipped_steps, self.skip_streak, self.current_step = 0, 0, 0
         self.preempted = False
         self.samples = list(self.task.samples("train"))
-        self.group_key = getattr(self.task, "metric_group", None)
+        self.group_key = self.task.metric_group
         self.groups = sorted({s[self.group_key] for s in self.samples}) if self.group_key else []
         model_path = self._model_path()
         self._init_update(model_path)
@@ -118,9 +52,9 @@ class Trainer:
             self.engine,
             self.tokenizer,
             self.task.tools(),
-            rollout_config(cfg, task_protocol(self.task, self.tokenizer)),
+            rollout_config(cfg, self.task.protocol(self.tokenizer)),
         )
-        self.encode_prompt = prompt_encoder(self.task, self.tokenizer)
+        self.encode_prompt = lambda sample: self.task.encode_prompt(sample, self.tokenizer)
 
     @classmethod
     def update_only(cls, cfg: TrainConfig, model_path: str) -> Trainer:
@@ -514,11 +448,6 @@ def _rollout_metrics(out) -> dict[str, float]:
 def train(cfg: TrainConfig) -> Path | None:
     """Run a whole training job (one process, or one rank under torchrun / deepspeed).
     Returns the run directory, or None when a signal stopped it after a checkpoint."""
-    if not math.isfinite(cfg.rollout.temperature) or cfg.rollout.temperature <= 0:
-        raise ValueError("rollout.temperature must be > 0")
-    cfg = dataclasses.replace(
-        cfg, objective=dataclasses.replace(cfg.objective, temperature=cfg.rollout.temperature)
-    )
     trainer = Trainer(cfg)
     run_dir = trainer.fit()
     return None if trainer.preempted else run_dir

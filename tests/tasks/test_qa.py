@@ -251,7 +251,6 @@ def test_tool_role_results_go_into_the_tool_turn(files, tmp_path):
     from aepo.models import train_tokenizer
     from aepo.rollout.branching import BranchConfig
     from aepo.rollout.tree import RolloutConfig, TreeRollout
-    from aepo.train.loop import prompt_encoder
 
     base = train_tokenizer(["ana lives in rome . where does ana live ? tool user"], 400)
     base.backend_tokenizer.add_special_tokens(
@@ -265,7 +264,7 @@ def test_tool_role_results_go_into_the_tool_turn(files, tmp_path):
     cfg = RolloutConfig(branch=BranchConfig(mode="flat", k=1), **protocol)
     rollout = TreeRollout(TwoTurnEngine(tok), tok, task.tools(), cfg)
     sample = task.samples("train")[0]
-    (t,) = rollout.run([prompt_encoder(task, tok)(sample)]).trajectories
+    (t,) = rollout.run([task.encode_prompt(sample, tok)]).trajectories
     seen = tok.decode(t.response_ids)
     assert seen.startswith("<search> ana </search><|im_end|>\n<|im_start|>tool\n<result>\n")
     assert "</result><|im_end|>\n<|im_start|>assistant\n<answer> rome </answer>" in seen

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from aepo.train.config import load_config
 from aepo.train.engine import PolicyEngine, init_distributed
-from aepo.train.loop import Trainer, make_engine
+from aepo.train.loop import Trainer
+from aepo.train.rollout import make_engine
 
 PROMPT = [5, 17, 42, 8, 23, 11, 64, 3]  # token ids (every test model's vocabulary has them)
 

@@ -45,7 +45,13 @@ def test_resolved_config_round_trips(tmp_path):
         (["optim.micro_batch_size=3"], r"optim.micro_batch_size \(3\) must divide"),
         (["rollout.k=0"], r"rollout.k must be >= 1"),
         (["rollout.tool_timeout_s=0"], r"rollout.tool_timeout_s must be > 0, got 0.0"),
-        (["objective.temperature=0.5"], r"set rollout.temperature instead"),
+        (
+            ["objective.temperature=0.5"],
+            r"objective.temperature is not a trainer setting: .*"
+            r"set rollout.temperature",
+        ),
+        (["objective.inplace_grad=true"], r"objective.inplace_grad is not a trainer setting"),
+        (["model.dtype=bfloat16"], r"model.dtype=bfloat16 needs a CUDA GPU"),
         (["rollout"], r"must look like section.key=value"),
         (["rollout.k=1"], r"rollout.k=1: .* every advantage 0 \(objective.objective=aepo"),
         (["eval.temperature=0"], r"eval.k=4 samples need eval.temperature > 0"),
@@ -69,6 +75,8 @@ def test_resolved_config_round_trips(tmp_path):
         "k0",
         "tool-timeout0",
         "temperature",
+        "inplace-grad",
+        "bf16-on-cpu",
         "no-equals",
         "k1-group-advantage",
         "eval-greedy-pass-at-k",
@@ -101,14 +109,15 @@ def test_config_reference_is_current():
     ``python -m aepo.train.config > docs/config.md`` after changing a config dataclass."""
     import dataclasses
 
-    from aepo.train.config import TrainConfig, config_reference
+    from aepo.train.config import REMOVED, TrainConfig, config_reference
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "config.md").read_text()
     assert doc == config_reference()
     defaults = TrainConfig()
     for section in dataclasses.fields(TrainConfig):
         for f in dataclasses.fields(getattr(defaults, section.name)):
-            assert f"`{section.name}.{f.name}`" in doc
+            key = f"{section.name}.{f.name}"
+            assert (f"`{key}`" in doc) != (key in REMOVED), key
 
 
 def test_model_without_tokenizer_is_refused(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from aepo.models import build_model, save
 from aepo.rollout.rewards import QAReward, RewardConfig
 from aepo.sft import sft
-from aepo.tasks.base import register
+from aepo.tasks.base import Task, register
 from aepo.tasks.synthhop.kb import KBConfig, SynthHop
 from aepo.tasks.synthhop.tokenizer import build_tokenizer
 
@@ -27,7 +27,7 @@ class SFTRecipe:
 
 
 @register("synthhop")
-class SynthHopTask:
+class SynthHopTask(Task):
     """Args: seed: knowledge-base seed; rl_hops: hop counts of RL questions, drawn evenly
     (1-hop stays in the mix: RL on multi-hop only teaches "always search twice");
     sft: :class:`SFTRecipe` fields as a dict."""
