@@ -48,3 +48,16 @@ def all_reduce(
     moved = tensor.to(collective_device(group))
     dist.all_reduce(moved, op=op, group=group)
     return tensor.copy_(moved)
+
+
+def mean_over_ranks(
+    values: dict[str, float], group: dist.ProcessGroup | None = None
+) -> dict[str, float]:
+    """Each value averaged over the ranks of ``group`` in one fp64 all-reduce (every rank must
+    pass the same keys); ``values`` itself without torch.distributed or on one rank."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return values
+    keys = sorted(values)
+    total = all_reduce(torch.tensor([values[k] for k in keys], dtype=torch.float64), group=group)
+    world = dist.get_world_size(group)
+    return {k: float(v) / world for k, v in zip(keys, total, strict=True)}

@@ -17,13 +17,14 @@ from aepo.rollout.branching import BranchConfig
 from aepo.rollout.engines.base import SamplingConfig
 from aepo.rollout.tree import RolloutConfig, TreeRollout
 from aepo.tasks.base import group_label
+from aepo.train.config import EvalSection
 
 SCORES = ("em", "f1", "format_ok", "tool_calls")
 
 
 def evaluate(engine, tokenizer, tools: Mapping, samples: Sequence[Mapping], reward, *,
              rollout: RolloutConfig | None = None, group_by: str | None = "hops",
-             temperature: float = 0.0, k: int = 1, batch_size: int = 256,
+             temperature: float = 0.0, k: int = 1, batch_size: int = EvalSection.batch_size,
              encode: Callable[[Mapping], list[int]] | None = None,
              records: list | None = None, progress: bool = False) -> dict[str, float]:  # fmt: skip
     """Exact match, F1, format rate and tool calls, overall and per ``sample[group_by]``.

@@ -21,6 +21,7 @@ import torch
 
 from aepo.rollout.branching import BranchConfig
 from aepo.rollout.engines.base import SamplingConfig
+from aepo.rollout.metrics import rollout_metrics
 from aepo.rollout.tools.search import Document, SearchTool
 from aepo.rollout.tree import RolloutConfig, TreeRollout
 from aepo.tasks import toy
@@ -43,18 +44,7 @@ def run_mode(engine, tokenizer, search, mode: str, args) -> dict:
     agg: dict[str, list[float]] = {}
     for step in range(args.steps):
         out = rollout.run(prompts, step=step)
-        trajs = out.trajectories
-        groups = {}
-        for t in trajs:
-            groups.setdefault(t.prompt, set()).add(tuple(t.response_ids))
-        row = {
-            "generated_tokens_per_s": out.stats["generated_tokens"] / out.stats["seconds"],
-            "prefix_cache_reuse": out.stats["cached_tokens"] / out.stats["context_tokens"],
-            "tool_calls_per_trajectory": out.stats["tool_calls"] / len(trajs),
-            "distinct_per_group": statistics.mean(len(g) for g in groups.values()),
-            "branches_per_group": out.stats["branches"] / len(prompts),
-            "seconds": out.stats["seconds"],
-        }
+        row = rollout_metrics(out) | {"seconds": out.stats["seconds"]}
         for key, value in row.items():
             agg.setdefault(key, []).append(value)
     return {key: statistics.mean(values) for key, values in agg.items()}
@@ -120,8 +110,8 @@ def _render(report: dict) -> str:
     ]
     for mode, r in report["results"].items():
         lines.append(
-            f"| {mode} | {r['generated_tokens_per_s']:.0f} | {100 * r['prefix_cache_reuse']:.1f}% "
-            f"| {r['tool_calls_per_trajectory']:.2f} | {r['distinct_per_group']:.2f} "
+            f"| {mode} | {r['gen_tokens_per_s']:.0f} | {100 * r['prefix_cache_reuse']:.1f}% "
+            f"| {r['tool_calls_per_traj']:.2f} | {r['distinct_per_group']:.2f} "
             f"| {r['branches_per_group']:.2f} | {r['seconds']:.2f} |"
         )
     lines += ["", "```", json.dumps(report["env"], indent=1), "```"]

@@ -15,6 +15,7 @@ import yaml
 from aepo.loss import PolicyLossConfig
 from aepo.rollout.branching import MODES, BranchConfig
 from aepo.rollout.engines.base import SamplingConfig
+from aepo.rollout.engines.vllm import VLLMConfig
 from aepo.rollout.tree import RolloutConfig
 
 
@@ -38,8 +39,8 @@ class TaskConfig:
 
 
 # The rollout section sets the fields of the rollout's own dataclasses by name (see
-# aepo.train.rollout.rollout_config); their defaults are defined there, once.
-_B, _S, _R = BranchConfig, SamplingConfig, RolloutConfig
+# aepo.train.rollout: rollout_config, make_engine); their defaults are defined there, once.
+_B, _S, _R, _V = BranchConfig, SamplingConfig, RolloutConfig, VLLMConfig
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,8 @@ class RolloutSection:
     max_result_tokens: int = _R.max_result_tokens  # tool result budget in tokens
     window: int = _R.window  # W tokens for the segment entropy
     tool_timeout_s: float = _R.tool_timeout_s  # seconds per tool call, then error="timeout"
-    cpu_kv_cache_gib: int = 1  # vLLM KV cache on CPU
-    gpu_memory_utilization: float = 0.3  # vLLM share of GPU memory when colocated
+    cpu_kv_cache_gib: int = _V.cpu_kv_cache_gib  # vLLM KV cache on CPU
+    gpu_memory_utilization: float = _V.gpu_memory_utilization  # vLLM share of GPU memory
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from aepo.distributed import all_reduce
+from aepo.distributed import all_reduce, mean_over_ranks
 from aepo.objectives import entropy_statistics, group_advantages
 from aepo.rollout.engines.base import GenRequest, SamplingConfig
+from aepo.rollout.metrics import rollout_metrics
 from aepo.rollout.trajectory import flatten
 from aepo.rollout.tree import TreeRollout
 from aepo.tasks.base import get_task, group_label
@@ -167,18 +168,15 @@ class Trainer:
         self.sync_weights()
         sync_diff = self.check_sync(prompts[0], step)
         t3 = time.perf_counter()
-        metrics = {
-            **rewards,
-            **train_metrics,
-            **_rollout_metrics(out),
-            "sync_logprob_diff": sync_diff,
-        }
-        metrics = finish_group_means(self._mean_over_ranks(metrics))
+        rollout = rollout_metrics(out)
+        speed = rollout.pop("gen_tokens_per_s")  # a timing: this rank's, like the three below
+        metrics = {**rewards, **train_metrics, **rollout, "sync_logprob_diff": sync_diff}
+        metrics = finish_group_means(mean_over_ranks(metrics))
         metrics |= {
             "time_rollout": t1 - t0,
             "time_train": t2 - t1,
             "time_sync": t3 - t2,
-            "gen_tokens_per_s": out.stats["generated_tokens"] / max(t1 - t0, 1e-9),
+            "gen_tokens_per_s": speed,
         }
         return metrics
 
@@ -200,14 +198,6 @@ class Trainer:
             em = [r.em for r in results]
             out |= group_sums(em, values, self.groups, self.group_key)
         return out
-
-    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self.world == 1:
-            return metrics
-        keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-        all_reduce(values)
-        return {k: float(v) / self.world for k, v in zip(keys, values, strict=True)}
 
     def update(self, trajectories) -> dict[str, float]:
         """Advantages, old log-probs, then ppo_epochs x mini-batches of fused-loss updates."""
@@ -333,10 +323,7 @@ class Trainer:
             local = torch.tensor(float(mask.shape[0] * self.cfg.rollout.max_response_tokens))
         else:
             local = (mask.sum(-1) > 0).sum().float()
-        total = local.double().clone()
-        if self.world > 1:
-            all_reduce(total)
-        return max(float(total), 1.0)
+        return max(float(all_reduce(local.double().clone())), 1.0)
 
     def sync_weights(self) -> None:
         """Trainer -> vLLM, streamed: each bucket of ZeRO-3 shards is gathered as vLLM's loader
@@ -427,22 +414,6 @@ def finish_group_means(metrics: dict[str, float]) -> dict[str, float]:
 
 def _masked_mean_abs(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x.abs() * mask).sum() / mask.sum().clamp(min=1))
-
-
-def _rollout_metrics(out) -> dict[str, float]:
-    trajs = out.trajectories
-    groups: dict[int, set] = {}
-    for t in trajs:
-        groups.setdefault(t.group, set()).add(tuple(t.response_ids))
-    return {
-        "tool_calls_per_traj": float(np.mean([len(t.tool_calls) for t in trajs])),
-        "branches_per_group": out.stats["branches"] / max(len(groups), 1),
-        "distinct_per_group": float(np.mean([len(g) for g in groups.values()])),
-        "response_tokens_mean": float(np.mean([len(t.response_ids) for t in trajs])),
-        "prefix_cache_reuse": out.stats["cached_tokens"] / max(out.stats["context_tokens"], 1),
-        "tool_errors": out.stats["tool_errors"],  # ok=False results, timeouts aside (per rank)
-        "tool_timeouts": out.stats["tool_timeouts"],  # calls past a deadline (per rank)
-    }
 
 
 def train(cfg: TrainConfig) -> Path | None:

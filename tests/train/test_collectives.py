@@ -154,7 +154,7 @@ def _policy() -> PolicyEngine:
 
 def test_mean_over_ranks_under_nccl(nccl):
     nccl.peer = lambda t: 3 * t  # rank 1 logged three times rank 0's values
-    out = _trainer()._mean_over_ranks({"reward": 1.0, "em": 0.25})
+    out = distributed.mean_over_ranks({"reward": 1.0, "em": 0.25})
     assert out == {"reward": 2.0, "em": 0.5}
     assert nccl.calls == 1
 
@@ -312,7 +312,7 @@ def test_reductions_over_a_real_nccl_group(cuda, monkeypatch):
             dist.all_reduce(torch.ones(1))  # the bug: nccl refuses host tensors
         monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
         assert distributed.collective_device() == torch.device("cuda", 0)
-        assert _trainer()._mean_over_ranks({"a": 2.0, "b": 4.0}) == {"a": 1.0, "b": 2.0}
+        assert distributed.mean_over_ranks({"a": 2.0, "b": 4.0}) == {"a": 1.0, "b": 2.0}
         assert _trainer()._normalizer(torch.tensor([[1, 1, 0]])) == 2.0
         with Preemption() as guard:
             assert guard.requested() is None

@@ -25,7 +25,7 @@ def test_finish_after_a_rank_mean_gives_the_pooled_ratio():
         group_sums([1, 1, 1, 0], [1, 1, 1, 1], [1, 2], "hops") | {"em": 0.75},
         group_sums([0, 1, 0, 0], [1, 2, 2, 2], [1, 2], "hops") | {"em": 0.25},
     ]
-    mean = {k: sum(r[k] for r in ranks) / 2 for k in ranks[0]}  # what _mean_over_ranks does
+    mean = {k: sum(r[k] for r in ranks) / 2 for k in ranks[0]}  # what mean_over_ranks does
     out = finish_group_means(mean)
     assert set(out) == {"em", "em_1hop", "em_2hop"}
     assert math.isclose(out["em_1hop"], 3 / 5) and math.isclose(out["em_2hop"], 1 / 3)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import threading
 
+from aepo.rollout.metrics import rollout_metrics
 from aepo.rollout.tools.base import ToolOutput
 from aepo.rollout.tree import TreeRollout
 from aepo.train.config import load_config
-from aepo.train.loop import _rollout_metrics, rollout_config
+from aepo.train.rollout import rollout_config
 from tests.rollout.scripted import ScriptedEngine, WordTokenizer
 
 
@@ -32,6 +33,6 @@ def test_tool_timeouts_and_errors_become_step_metrics():
         out = rollout.run([tok.encode("question 0 ?"), tok.encode("question 1 ?")])
     finally:
         release.set()
-    metrics = _rollout_metrics(out)
+    metrics = rollout_metrics(out)
     assert metrics["tool_timeouts"] == 4 and metrics["tool_errors"] == 4
     assert metrics["tool_calls_per_traj"] == 2
