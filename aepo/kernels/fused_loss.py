@@ -16,7 +16,14 @@ from aepo.kernels._checks import check_logits_labels, check_temperature, mask_to
 from aepo.kernels.api import logprobs_and_entropy, resolve_backend
 from aepo.kernels.logprob_entropy import logprobs_entropy_bwd, logprobs_entropy_fwd
 from aepo.kernels.torch_backend import chunked_backward, chunked_forward
-from aepo.kernels.tree_rows import Edges, check_rows, to_flat, unique_edges, unique_table
+from aepo.kernels.tree_rows import (
+    Edges,
+    check_rows,
+    first_of_row,
+    to_flat,
+    unique_edges,
+    unique_table,
+)
 from aepo.objectives import policy_loss
 
 
@@ -246,8 +253,7 @@ def _check_inplace(inplace_grad: bool, logits: torch.Tensor) -> None:
 def _primary_edges(edges: Edges, n_rows: int, ignore_index: int):
     """(first [E] bool: the edge is its row's first, row_labels [R]: the label of that edge,
     ``ignore_index`` for rows without one). Edges are sorted by row."""
-    first = torch.ones_like(edges.rows, dtype=torch.bool)
-    first[1:] = edges.rows[1:] != edges.rows[:-1]
+    first = first_of_row(edges)
     row_labels = torch.full((n_rows,), ignore_index, dtype=torch.long, device=edges.rows.device)
     row_labels[edges.rows[first]] = edges.labels[first]
     return first, row_labels

@@ -61,10 +61,16 @@ class RowEdges(NamedTuple):
     starts: list[int]  # host [U + 1]: row u's edges are starts[u]:starts[u + 1]
 
 
-def row_edges(edges: Edges) -> RowEdges:
-    """:class:`RowEdges` of ``edges`` (sorted by row). One host sync (``starts``)."""
+def first_of_row(edges: Edges) -> torch.Tensor:
+    """[E] bool: the edge is the first (smallest label) of its row (edges are sorted by row)."""
     first = torch.ones_like(edges.rows, dtype=torch.bool)
     first[1:] = edges.rows[1:] != edges.rows[:-1]
+    return first
+
+
+def row_edges(edges: Edges) -> RowEdges:
+    """:class:`RowEdges` of ``edges`` (sorted by row). One host sync (``starts``)."""
+    first = first_of_row(edges)
     head = first.nonzero().squeeze(1)  # [U]
     starts = [*head.tolist(), edges.rows.numel()]
     local = torch.cumsum(first, 0) - 1

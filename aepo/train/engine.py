@@ -198,12 +198,12 @@ class PolicyEngine:
         :class:`~aepo.train.tree_pack.TreePack` (train.packing=tree: the [1, T] unique tokens
         of the batch's trie, each shared prefix once; ``tree`` and train.packing=tree)."""
         device = self.engine.device
-        ids, attn = input_ids.to(device), attention_mask.to(device)
-        if tree and self.tree:
-            tree = pack_tree(ids, attn)
+        if tree and self.tree:  # packed on the host (where the batch is), then moved once
+            tree = pack_tree(input_ids, attention_mask).to(device)
             self.token_counts += torch.tensor([tree.num_tokens, tree.flat_tokens])
             inputs = {"input_ids": tree.input_ids, "position_ids": tree.position_ids}
             return inputs | {KWARG: tree}, tree
+        ids, attn = input_ids.to(device), attention_mask.to(device)
         if not self.packed:
             return {"input_ids": ids, "attention_mask": attn}, None
         keep = attn.bool()
