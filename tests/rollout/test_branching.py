@@ -94,6 +94,16 @@ def test_fixed_modes_start_half_the_budget_as_roots():
     assert len(first_roots) == 4 * 4
 
 
+@pytest.mark.parametrize("mode", ["aepo-fixed", "arpo"])
+def test_m_fixed_sets_the_first_roots_of_fixed_modes(mode):
+    def roots(**kw):
+        return PromptPlanner(BranchConfig(mode=mode, k=8, **kw), prompt=0).start()
+
+    assert roots() == [0, 1, 2, 3] and roots(m_fixed=3) == [0, 1, 2]
+    assert roots(m_fixed=8) == list(range(8))
+    assert PromptPlanner(BranchConfig(mode="aepo", k=8, m_fixed=3), prompt=0).start() == [0]
+
+
 def test_aligned_timing_forks_and_penalty_bookkeeping():
     out, _ = _run("aepo", prompts=8, tau=0.3)
     by_key = {(t.prompt, t.path): t for t in out.trajectories}
