@@ -2,7 +2,8 @@
 
 Reports, per branching mode: generated tokens/s, the share of prefill (context) tokens served
 from vLLM's prefix cache, tool calls per trajectory, distinct trajectories per group, branches
-per group. Results go to benchmarks/results/ with device, versions and date.
+per group: the median over ``--steps`` rollouts after one warm-up rollout. Results go to
+benchmarks/results/ with device, versions and date.
 
     python benchmarks/bench_rollout.py --k 8 --prompts 16 --steps 3
 """
@@ -41,13 +42,14 @@ def run_mode(engine, tokenizer, search, mode: str, args) -> dict:
     rollout = TreeRollout(engine, tokenizer, {"search": search}, cfg)
     names = toy.NAMES[: args.prompts]
     prompts = [tokenizer.encode(toy.prompt(n)) for n in names]
+    rollout.run(prompts, step=10_000)  # warm-up, not counted: first requests run slower
     agg: dict[str, list[float]] = {}
     for step in range(args.steps):
         out = rollout.run(prompts, step=step)
         row = rollout_metrics(out) | {"seconds": out.stats["seconds"]}
         for key, value in row.items():
             agg.setdefault(key, []).append(value)
-    return {key: statistics.mean(values) for key, values in agg.items()}
+    return {key: statistics.median(values) for key, values in agg.items()}
 
 
 def main(argv=None) -> dict:
