@@ -44,12 +44,21 @@ def eval_samples(task, per_hop: int, seed: int) -> list[dict]:
     return out
 
 
-def run_eval(engine, tokenizer, task, samples) -> dict[str, float]:
-    from aepo.evaluate import evaluate
-    from aepo.rollout.tree import RolloutConfig
+def rl_config(args):
+    """The RL stage's config (``--config`` with the demo's seed and overrides): the demo's
+    evaluations roll out with its settings (budgets, tags, tool deadline, vLLM memory, seed)
+    and state none of them themselves."""
+    from aepo.train.config import load_config
 
-    budgets = RolloutConfig(max_response_tokens=160, max_tool_calls=4, max_result_tokens=64)
-    return evaluate(engine, tokenizer, task.tools(), samples, task.reward, rollout=budgets)
+    return load_config(args.config, [f"run.seed={args.seed}", *args.overrides])
+
+
+def run_eval(engine, tokenizer, task, samples, rollout) -> dict[str, float]:
+    from aepo.evaluate import evaluate
+
+    encode = lambda sample: task.encode_prompt(sample, tokenizer)
+    return evaluate(engine, tokenizer, task.tools(), samples, task.reward, rollout=rollout,
+                    encode=encode)  # fmt: skip
 
 
 def rl(args, model_path: Path, run_dir: Path, mode: str) -> Path:
@@ -113,9 +122,9 @@ def main(argv=None) -> dict:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from transformers import AutoTokenizer
 
-    from aepo.rollout.engines.vllm import VLLMEngine
     from aepo.tasks.synthhop.task import SynthHopTask
     from aepo.train.plot import plot_compare, plot_run
+    from aepo.train.rollout import make_engine, rollout_config
 
     t0 = time.perf_counter()
     sft = {"steps": 20, "batch_size": 16} if args.quick else None
@@ -127,15 +136,17 @@ def main(argv=None) -> dict:
     t_sft = time.perf_counter() - t0
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
     samples = eval_samples(task, 16 if args.quick else args.eval_per_hop, args.seed)
-    engine = VLLMEngine(str(sft_dir))
-    results = {"sft": run_eval(engine, tokenizer, task, samples)}
+    cfg = rl_config(args)
+    rollout = rollout_config(cfg, task.protocol(tokenizer))
+    engine = make_engine(cfg, str(sft_dir), 1, tokenizer)
+    results = {"sft": run_eval(engine, tokenizer, task, samples, rollout)}
     print("demo: after SFT\n" + table(results), flush=True)
     modes = MODES if args.compare else ("aepo",)
     t1 = time.perf_counter()
     for mode in modes:
         final = rl(args, sft_dir, args.run_dir / f"rl_{mode}", mode)
         engine.update_weights(load_weights(final))
-        results[mode] = run_eval(engine, tokenizer, task, samples)
+        results[mode] = run_eval(engine, tokenizer, task, samples, rollout)
         plot_run(args.run_dir / f"rl_{mode}")
     t_rl = time.perf_counter() - t1
     if args.compare:
