@@ -32,6 +32,7 @@ exactly the sampled tokens.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import string
 from collections.abc import Mapping
@@ -52,6 +53,7 @@ TOOL_HELP = {  # tool -> how the default system prompt describes it ({tag}: its 
     "python": "<{tag}> code </{tag}> runs Python and shows what it prints",
 }
 SYSTEM_FIELDS = ("tools", "tool_tags", "result_tag", "answer_tag")
+_SYSTEM_PLACES = " ".join("{" + f + "}" for f in SYSTEM_FIELDS)
 OPTION_HELP = {  # task.options key -> (default, meaning): the config reference's qa table
     "train": (None, "JSONL / Parquet file of train questions (required unless hf_dataset)"),
     "eval": (None, "file of eval questions (default: the train file)"),
@@ -62,7 +64,7 @@ OPTION_HELP = {  # task.options key -> (default, meaning): the config reference'
     "answers_key": ("answers", "field holding the gold answer(s): a string or a list"),
     "id_key": ("id", "field holding the question id (default: the row number)"),
     "group_key": (None, "field whose values exact match is also logged by"),
-    "system_prompt": ("(tools and answer format)", "{tools} {tool_tags} {result_tag} {answer_tag}"),
+    "system_prompt": (DEFAULT_SYSTEM, "the system turn; placeholders: " + _SYSTEM_PLACES),
     "user_template": ("{question}", "the user turn; placeholders: any field of a row"),
     "protocol": (
         {"result_tag": "result", "answer_tag": "answer", "tool_role": False},
@@ -70,12 +72,19 @@ OPTION_HELP = {  # task.options key -> (default, meaning): the config reference'
     ),
     "tools": ({"search": {}}, "search: {corpus or url, top_k, tag}; python: {timeout_s, tag}"),
     "reward": (
-        {"metric": "f1"},
+        {"metric": RewardConfig.metric},
         "metric (em, f1, contains), format_penalty, tool_bonus; or a function",
     ),
-    "cache_dir": ("run.dir/cache", "where the search index is cached"),
+    "cache_dir": (None, "where the search index is cached (None: run.dir/cache in a run)"),
 }
 KNOWN_OPTIONS = tuple(OPTION_HELP)
+
+
+def option(options: Mapping[str, Any], key: str) -> Any:
+    """``options[key]``, or (unset or None) its default: :data:`OPTION_HELP` states each
+    default once, for the task and the config reference alike."""
+    value = options.get(key)
+    return copy.deepcopy(OPTION_HELP[key][0]) if value is None else value
 
 
 def _placeholders(template: str, allowed, key: str) -> None:
@@ -148,18 +157,18 @@ class QATask(Task):
         self.result_tag, self.answer_tag = protocol["result_tag"], protocol["answer_tag"]
         self.tool_role = protocol["tool_role"]
         self.fields = Fields(
-            options.get("question_key", "question"),
-            options.get("answers_key", "answers"),
-            options.get("id_key", "id"),
-            options.get("group_key"),
+            option(options, "question_key"),
+            option(options, "answers_key"),
+            option(options, "id_key"),
+            option(options, "group_key"),
         )
         self.metric_group = self.fields.group
-        self.system = options.get("system_prompt", DEFAULT_SYSTEM)
-        self.user = options.get("user_template", "{question}")
+        self.system = option(options, "system_prompt")
+        self.user = option(options, "user_template")
         _placeholders(self.system, SYSTEM_FIELDS, "system_prompt")
         self._splits = {split: self._load(split) for split in ("train", "eval")}
         _placeholders(self.user, sorted(self._splits["train"][0]), "user_template")
-        self.reward = self._reward(dict(options.get("reward") or {}))
+        self.reward = self._reward(dict(option(options, "reward")))
 
     @staticmethod
     def check_options(options: Mapping[str, Any]) -> tuple[dict, dict[str, Any]]:
@@ -169,23 +178,25 @@ class QATask(Task):
             raise DataError(
                 f"unknown task.options key {unknown[0]!r}; valid: {', '.join(KNOWN_OPTIONS)}"
             )
-        tools = dict(options.get("tools") or {"search": {}})
+        tools = dict(option(options, "tools"))
         if unknown := sorted(set(tools) - set(TOOL_HELP)):
             raise DataError(f"task.options.tools: unknown tool {unknown[0]!r}; have search, python")
-        protocol = dict(options.get("protocol") or {})
+        protocol = dict(option(options, "protocol"))
+        defaults = OPTION_HELP["protocol"][0]
+        if unknown := sorted(set(protocol) - set(defaults)):
+            raise DataError(f"task.options.protocol: unknown key {unknown[0]!r}")
+        protocol = defaults | protocol
         out = {
             "tool_tags": tuple((opts or {}).get("tag", name) for name, opts in tools.items()),
-            "result_tag": protocol.pop("result_tag", "result"),
-            "answer_tag": protocol.pop("answer_tag", "answer"),
-            "tool_role": bool(protocol.pop("tool_role", False)),
+            "result_tag": protocol["result_tag"],
+            "answer_tag": protocol["answer_tag"],
+            "tool_role": bool(protocol["tool_role"]),
         }
-        if protocol:
-            raise DataError(f"task.options.protocol: unknown key {sorted(protocol)[0]!r}")
         try:
             check_tags(out["tool_tags"], out["result_tag"], out["answer_tag"])
         except ValueError as exc:
             raise DataError(f"task.options.protocol / tools: {exc}") from exc
-        _placeholders(options.get("system_prompt", DEFAULT_SYSTEM), SYSTEM_FIELDS, "system_prompt")
+        _placeholders(option(options, "system_prompt"), SYSTEM_FIELDS, "system_prompt")
         return tools, out
 
     @property
@@ -209,7 +220,7 @@ class QATask(Task):
     def _load(self, split: str) -> list[dict[str, Any]]:
         o = self.options
         if o.get("hf_dataset") is not None:
-            name = o.get("split", "train") if split == "train" else o.get("eval_split", "test")
+            name = option(o, "split" if split == "train" else "eval_split")
             data = open_rows(hf_dataset=o["hf_dataset"], split=name)
             return qa_rows(data, f"{o['hf_dataset']}[{name}]", self.fields)
         path = o.get(split) or (o.get("train") if split == "eval" else None)

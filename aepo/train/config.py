@@ -345,6 +345,12 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
+def _shown(default) -> str:
+    """A default as one line of YAML flow style (null, {}, [0.9, 0.999], 'text')."""
+    text = yaml.safe_dump(default, default_flow_style=True, width=math.inf)
+    return text.strip().removesuffix("...").strip()
+
+
 def config_reference() -> str:
     """Markdown table of every config key, its default and what it does (docs/config.md)."""
     lines = [
@@ -362,18 +368,14 @@ def config_reference() -> str:
         for f in dataclasses.fields(value):
             if f"{section.name}.{f.name}" in REMOVED:
                 continue
-            default = getattr(value, f.name)
-            shown = "{}" if default == {} else yaml.safe_dump(default, default_flow_style=True)
-            shown = shown.strip().removesuffix("...").strip()
+            shown = _shown(getattr(value, f.name))
             lines.append(f"| `{section.name}.{f.name}` | `{shown}` | {notes.get(f.name, '')} |")
         lines.append("")
     from aepo.tasks.qa import OPTION_HELP
 
     lines += ["## `task.options` of `task.name: qa`", "", "| key | default | |", "|---|---|---|"]
     for key, (default, note) in OPTION_HELP.items():
-        shown = "null" if default is None else yaml.safe_dump(default, default_flow_style=True)
-        shown = shown.strip().removesuffix("...").strip()
-        lines.append(f"| `task.options.{key}` | `{shown}` | {note} |")
+        lines.append(f"| `task.options.{key}` | `{_shown(default)}` | {note} |")
     return "\n".join(lines) + "\n"
 
 
