@@ -85,6 +85,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 from aepo.kernels import BACKENDS, linear_logprobs_and_entropy, logprobs_and_entropy
 from aepo.loss import LM_HEAD_MODES
+from aepo.loss import PolicyLossConfig as _AEPO  # its defaults are AEPOConfig's
 from aepo.objectives import DEFAULT_EPS_HIGH, OBJECTIVES, entropy_statistics, policy_loss
 from aepo.train.engine import _redirect, fused_head_blocker
 
@@ -99,14 +100,14 @@ MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "im
 class AEPOConfig(GRPOConfig):
     """``GRPOConfig`` plus the aepo loss options (module docstring: the mapping table)."""
 
-    objective: str = "aepo"  # aepo, grpo, dapo, gppo, cispo or ppo
-    clip_ratio_c: float | None = 3.0  # dual clip for A < 0 (None disables); TRL's delta
-    entropy_adv_coef: float = 0.2  # AEPO entropy-aware advantage weight a (0 disables)
-    entropy_adv_norm: str = "batch"  # zH statistics: batch (step, all ranks) or micro
-    gppo_beta_low: float = 1.0  # GPPO gradient scale of the lower clipped branch
-    gppo_beta_high: float = 1.0  # GPPO gradient scale of the upper clipped branch
-    lm_head: str = "auto"  # fused (hidden states x lm_head), logits, or auto (fused if able)
-    kernel_backend: str = "auto"  # aepo kernels: auto, triton or torch
+    objective: str = _AEPO.objective  # aepo, grpo, dapo, gppo, cispo or ppo
+    clip_ratio_c: float | None = _AEPO.clip_ratio_c  # dual clip for A < 0 (None: off); TRL's delta
+    entropy_adv_coef: float = _AEPO.entropy_adv_coef  # AEPO entropy-aware advantage weight a
+    entropy_adv_norm: str = _AEPO.entropy_adv_norm  # zH statistics: batch (all ranks) or micro
+    gppo_beta_low: float = _AEPO.gppo_beta_low  # GPPO gradient scale of the lower clipped branch
+    gppo_beta_high: float = _AEPO.gppo_beta_high  # GPPO gradient scale, upper clipped branch
+    lm_head: str = _AEPO.lm_head  # fused (hidden states x lm_head), logits, or auto
+    kernel_backend: str = _AEPO.backend  # aepo kernels: auto, triton or torch
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -91,6 +91,7 @@ from verl.workers.config import PolicyLossConfig
 from verl.workers.utils import losses as verl_losses
 from verl.workers.utils.padding import no_padding_2_padding
 
+from aepo.loss import PolicyLossConfig as _AEPO  # its defaults are AEPOPolicyLossConfig's
 from aepo.objectives import policy_loss
 
 ENTROPY_NORMS = ("batch", "micro")
@@ -100,10 +101,10 @@ ENTROPY_NORMS = ("batch", "micro")
 class AEPOPolicyLossConfig(PolicyLossConfig):
     """verl's PolicyLossConfig plus AEPO's options (``policy_loss._target_`` selects it)."""
 
-    entropy_adv_coef: float = 0.2  # a in A' = A (1 + a zH); 0 turns the reweighting off
-    entropy_adv_norm: str = "batch"  # zH statistics: micro-batch over DP ranks, or "micro"
-    gppo_beta_low: float = 1.0  # aepo_gppo: gradient scale of the lower clipped branch
-    gppo_beta_high: float = 1.0  # aepo_gppo: gradient scale of the upper clipped branch
+    entropy_adv_coef: float = _AEPO.entropy_adv_coef  # a in A' = A (1 + a zH); 0: off
+    entropy_adv_norm: str = _AEPO.entropy_adv_norm  # zH over the micro-batch's DP ranks, "micro"
+    gppo_beta_low: float = _AEPO.gppo_beta_low  # aepo_gppo: scale of the lower clipped branch
+    gppo_beta_high: float = _AEPO.gppo_beta_high  # aepo_gppo: scale of the upper clipped branch
 
     def __post_init__(self) -> None:
         _check_options(vars(self))

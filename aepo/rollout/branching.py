@@ -17,7 +17,30 @@ import numpy as np
 MODES = ("aepo", "aepo-fixed", "arpo", "flat")
 
 
-def global_budget(k: int, h_root: float, h_tool: float, *, beta: float = 0.5) -> int:
+@dataclass(frozen=True)
+class BranchConfig:
+    """How one prompt's k trajectories branch (AEPO_SPEC section 3); the defaults of the
+    trainer's ``rollout`` section and of the functions below."""
+
+    mode: str = "aepo"  # aepo (dynamic m + penalty), aepo-fixed, arpo (no penalty), flat
+    k: int = 8  # trajectories per prompt
+    m_fixed: int | None = None  # global samples in fixed modes (None: k // 2)
+    beta: float = 0.5  # pre-monitoring sharpness
+    tau: float = 0.5  # branch threshold
+    gamma: float = 0.2  # entropy-difference weight
+    lam: float = 0.05  # consecutive-branch penalty (arpo: forced to 0)
+    z: int = 1  # continuations sampled per fork
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"branching mode {self.mode!r} is not one of: {', '.join(MODES)}")
+        if self.k < 1 or self.z < 1:
+            raise ValueError(f"k and z must be >= 1, got k={self.k}, z={self.z}")
+        if self.m_fixed is not None and not 1 <= self.m_fixed <= self.k:
+            raise ValueError(f"m_fixed must be in [1, k={self.k}], got {self.m_fixed}")
+
+
+def global_budget(k: int, h_root: float, h_tool: float, *, beta: float = BranchConfig.beta) -> int:
     """m = clamp(ceil(k * sigmoid(beta * (H_root - H_tool))), 1, k)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -26,7 +49,12 @@ def global_budget(k: int, h_root: float, h_tool: float, *, beta: float = 0.5) ->
 
 
 def branch_probability(
-    delta_h: float, consecutive: int, *, tau: float = 0.5, gamma: float = 0.2, lam: float = 0.05
+    delta_h: float,
+    consecutive: int,
+    *,
+    tau: float = BranchConfig.tau,
+    gamma: float = BranchConfig.gamma,
+    lam: float = BranchConfig.lam,
 ) -> float:
     """P = clip(1 - tau / (1 - lam * l) + gamma * dH, 0, 1), and 0 once lam * l >= 1.
 
@@ -49,26 +77,6 @@ def uniform(*key: int) -> float:
 def seed_for(*key: int) -> int:
     """A 31-bit sampling seed that depends only on ``key``."""
     return int(np.random.SeedSequence([abs(int(k)) for k in key]).generate_state(1)[0] >> 1)
-
-
-@dataclass(frozen=True)
-class BranchConfig:
-    mode: str = "aepo"  # aepo (dynamic m + penalty), aepo-fixed, arpo (no penalty), flat
-    k: int = 8  # trajectories per prompt
-    m_fixed: int | None = None  # global samples in fixed modes (None: k // 2)
-    beta: float = 0.5  # pre-monitoring sharpness
-    tau: float = 0.5  # branch threshold
-    gamma: float = 0.2  # entropy-difference weight
-    lam: float = 0.05  # consecutive-branch penalty (arpo: forced to 0)
-    z: int = 1  # continuations sampled per fork
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"branching mode {self.mode!r} is not one of: {', '.join(MODES)}")
-        if self.k < 1 or self.z < 1:
-            raise ValueError(f"k and z must be >= 1, got k={self.k}, z={self.z}")
-        if self.m_fixed is not None and not 1 <= self.m_fixed <= self.k:
-            raise ValueError(f"m_fixed must be in [1, k={self.k}], got {self.m_fixed}")
 
 
 @dataclass(frozen=True)
