@@ -5,7 +5,7 @@ from vLLM's prefix cache, tool calls per trajectory, distinct trajectories per g
 per group: the median over ``--steps`` rollouts after one warm-up rollout. Results go to
 benchmarks/results/ with device, versions and date.
 
-    python benchmarks/bench_rollout.py --k 8 --prompts 16 --steps 3
+    python benchmarks/bench_rollout.py --k 8 --prompts 16 --steps 5
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)

@@ -181,11 +181,10 @@ class QATask(Task):
         tools = dict(option(options, "tools"))
         if unknown := sorted(set(tools) - set(TOOL_HELP)):
             raise DataError(f"task.options.tools: unknown tool {unknown[0]!r}; have search, python")
-        protocol = dict(option(options, "protocol"))
-        defaults = OPTION_HELP["protocol"][0]
-        if unknown := sorted(set(protocol) - set(defaults)):
+        given, defaults = options.get("protocol") or {}, OPTION_HELP["protocol"][0]
+        if unknown := sorted(set(given) - set(defaults)):
             raise DataError(f"task.options.protocol: unknown key {unknown[0]!r}")
-        protocol = defaults | protocol
+        protocol = defaults | dict(given)  # each tag's default, once
         out = {
             "tool_tags": tuple((opts or {}).get("tag", name) for name, opts in tools.items()),
             "result_tag": protocol["result_tag"],

@@ -66,8 +66,8 @@ class ReadTracker:
 
     def install(self) -> Callable[[], None]:
         """Patch the classes, ``dataclasses.replace`` and ``rollout_config``; returns undo."""
-        classes = [type(getattr(config.TrainConfig(), f.name)) for f in dataclasses.fields(
-            config.TrainConfig)] + list(DERIVED)  # fmt: skip
+        sections = [f.default_factory for f in dataclasses.fields(config.TrainConfig)]
+        classes = [*sections, *DERIVED]
         saved = [(cls, "__getattribute__", cls.__getattribute__) for cls in classes]
         saved += [(dataclasses, "replace", dataclasses.replace)]
         saved += [(train_rollout, "rollout_config", train_rollout.rollout_config)]

@@ -96,7 +96,8 @@ def test_every_documented_key_is_read(tmp_path):
     unread = [k for k in keys if k not in read and k not in CONDITIONAL]
     assert not unread, f"documented keys no run reads with the user's value: {unread}"
     assert not set(CONDITIONAL) - set(keys)
-    eval_keys = [k for k in keys if k.startswith("rollout.") and k[8:] not in TRAIN_ONLY_ROLLOUT]
+    rollout_keys = [k for k in keys if k.startswith("rollout.")]
+    eval_keys = [k for k in rollout_keys if k.removeprefix("rollout.") not in TRAIN_ONLY_ROLLOUT]
     assert "rollout.max_result_tokens" in eval_keys and "rollout.engine" in eval_keys
     not_in_eval = [k for k in eval_keys if k not in reads["eval"]]
     assert not not_in_eval, f"aepo eval ignores {not_in_eval}"
