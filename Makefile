@@ -19,7 +19,7 @@ DRY_RUN ?=
 GPU_PYVER ?= 3.12
 GPU_PEERS := liger-kernel==0.8.5 trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
 
-.PHONY: install test demo bench gpu-check gpu-peers lint format clean
+.PHONY: install test test-matrix demo bench gpu-check gpu-peers lint format clean
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# The numeric suites under emulated CPUs and thread counts (tests/matrix.py): about 15 min each.
+# make test-matrix CONFIGS="omp1 aten-avx2"   PYTEST_ARGS="-k tree"
+CONFIGS ?=
+PYTEST_ARGS ?=
+test-matrix: $(STAMP)
+	$(BIN)/python -m tests.matrix $(if $(CONFIGS),--configs $(CONFIGS)) $(if $(PYTEST_ARGS),-- $(PYTEST_ARGS))
 
 demo: $(STAMP)
 	DS_ACCELERATOR=cpu VLLM_CPU_KVCACHE_SPACE=1 $(BIN)/python -m aepo.demo
@@ -69,4 +76,4 @@ format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks
+	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks .test-matrix

@@ -16,6 +16,31 @@ def max_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return (x.detach().double() - ref.detach().double()).abs().max().item() if ref.numel() else 0.0
 
 
+EPS32 = torch.finfo(torch.float32).eps  # fp32's spacing at 1 (2^-23 = 1.19e-7)
+
+
+def scale_of(x: torch.Tensor) -> float:
+    """The largest |x| (0 for an empty tensor): the magnitude rounding errors scale with."""
+    return x.detach().double().abs().max().item() if x.numel() else 0.0
+
+
+def assert_close_scaled(
+    got: torch.Tensor, want: torch.Tensor, rel: float, *, scale: float | None = None, msg=""
+) -> None:
+    """Elementwise ``|got - want| <= rel * scale``, ``scale`` the largest ``|want|`` unless given.
+
+    Two correct fp computations of a tensor (another summation order, another kernel, another
+    CPU) differ by rounding of the terms they summed, whose size is the tensor's magnitude, not
+    each element's: an element near 0 of a tensor of size 12 carries errors of fp32's spacing at
+    12. So the tolerance is relative to the magnitude, and a ``rel`` of a few ``EPS32`` means a
+    few ulps at it. Pass ``scale`` when the terms were larger than the result (a loss that
+    cancels, an entropy computed from logits of size ``|z|``)."""
+    assert got.shape == want.shape, f"{msg} shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = scale_of(want) if scale is None else scale
+    err = max_err(got, want)
+    assert err <= rel * scale, f"{msg} max |diff| {err:.3g} > {rel:.3g} x scale {scale:.3g}"
+
+
 def assert_within_rule(
     name: str, ours: torch.Tensor, plain: torch.Tensor, ref: torch.Tensor, out_dtype
 ) -> None:

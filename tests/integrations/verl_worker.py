@@ -254,7 +254,8 @@ def check_aepo_parity() -> dict:
                 loss, grad, metrics = call(fn, batch, mode, config)
             assert abs(loss.item() - v_loss.item()) <= 4 * EPS32 * max(abs(v_loss.item()), 1e-30)
             for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"):
-                assert abs(metrics[key] - v_metrics[key]) < 1e-6, (mode, key)
+                # fractions and a mean log-ratio, all <= 1 here: 8 ulps at 1
+                assert abs(metrics[key] - v_metrics[key]) <= 8 * EPS32, (mode, key)
             ratio = (batch["log_prob"] - batch["old_log_prob"]).exp()
             kept = (batch["advantages"] > 0) & (ratio > 1.28) & batch["response_mask"]
             assert (grad[kept] != 0).all() and (v_grad[kept] == 0).all(), f"{mode}: sg bound"

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from aepo.kernels import fused_policy_loss
+from tests.helpers import EPS32, assert_close_scaled
 
 # A dev dependency: installed by make test; absent on a bare GPU machine (make gpu-check).
 LigerFusedLinearGRPOLoss = pytest.importorskip("liger_kernel.chunked_loss").LigerFusedLinearGRPOLoss
@@ -102,11 +103,14 @@ def test_matches_liger(objective, agg, beta, temperature, backend):
     )
     ref_loss.backward()
 
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(h_ours.grad, h_liger.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(w_ours.grad, w_liger.grad, rtol=1e-4, atol=1e-6)
+    # Two fp32 implementations summing in other orders (Liger chunks the rows): the loss (terms
+    # of size |A| ~ 1) within 1e-5 of itself plus 8 ulps at 1, the gradients (GEMM outputs)
+    # within 1e-5 of each tensor's largest element.
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=8 * EPS32)
+    assert_close_scaled(h_ours.grad, h_liger.grad, 1e-5, msg="d hidden")
+    assert_close_scaled(w_ours.grad, w_liger.grad, 1e-5, msg="d weight")
     # Liger's metrics: [k3 KL mean (only when beta != 0), clipped fraction].
     clip_frac = metrics["clip_frac_high"] + metrics["clip_frac_low"]
-    torch.testing.assert_close(clip_frac, ref_metrics[-1], rtol=1e-6, atol=1e-7)
-    if beta:
-        torch.testing.assert_close(metrics["kl_ref"], ref_metrics[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(clip_frac, ref_metrics[-1], rtol=0, atol=4 * EPS32)  # a fraction
+    if beta:  # a mean of k3 terms of size |ref - logp| ~ 0.1
+        torch.testing.assert_close(metrics["kl_ref"], ref_metrics[0], rtol=1e-5, atol=EPS32)
