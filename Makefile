@@ -37,8 +37,12 @@ $(STAMP): pyproject.toml setup.py
 
 install: $(STAMP)
 
+# With a CUDA GPU, a second pass: the cuda-marked tests on compiled kernels (tests/conftest.py).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+	@if $(BIN)/python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		echo "CUDA GPU: the cuda-marked tests on compiled kernels"; \
+		AEPO_CUDA_TESTS=1 $(BIN)/python -m pytest -q -m cuda; fi
 
 # The numeric suites under emulated CPUs and thread counts (tests/matrix.py): about 15 min each.
 # make test-matrix CONFIGS="omp1 aten-avx2"   PYTEST_ARGS="-k tree"

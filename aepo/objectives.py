@@ -38,6 +38,23 @@ def _same_shape(**tensors: torch.Tensor | None) -> None:
 # Advantages (AEPO_SPEC section 1)
 
 
+def to_device(x, device: torch.device):
+    """``x`` (a tensor, or a tuple or dict holding tensors; anything else is returned as is)
+    on ``device``.
+
+    The policy loss's small inputs are often built on the host (advantages and group ids from
+    the rollout, entropy statistics from host copies of the entropies) while the log-probs are
+    on the GPU; CUDA refuses an op that mixes them, and an indexing op given even a 0-dim host
+    tensor. They are moved where the log-probs are, as Hugging Face losses move the labels."""
+    if isinstance(x, torch.Tensor):
+        return x if x.device == device else x.to(device, non_blocking=True)
+    if isinstance(x, tuple):
+        return tuple(to_device(t, device) for t in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def group_advantages(
     rewards: torch.Tensor, group_ids: torch.Tensor, *, normalize_std: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -120,7 +137,7 @@ def _group_entropy_statistics(h, w, group_ids):
             f"norm='group' needs group_ids of shape {tuple(h.shape[:-1])} (one per sequence), "
             f"got {None if group_ids is None else tuple(group_ids.shape)}"
         )
-    uniq, inv = torch.unique(group_ids.reshape(-1), return_inverse=True)
+    uniq, inv = torch.unique(to_device(group_ids, h.device).reshape(-1), return_inverse=True)
     n = uniq.numel()
     seq_sum = (h * w).sum(-1).reshape(-1)
     seq_cnt = w.sum(-1).reshape(-1)
@@ -159,7 +176,7 @@ def entropy_aware_advantages(
     if coef == 0:
         return advantages
     mean, std = (
-        stats
+        to_device(stats, entropy.device)
         if stats is not None
         else entropy_statistics(
             entropy, mask, norm=norm, process_group=process_group, group_ids=group_ids
@@ -374,8 +391,9 @@ def policy_loss(
         ref_logp, kl_coef: optional k3 KL penalty to a reference policy.
         agg, normalizer: aggregation (:func:`aggregate`).
         gppo_beta_low, gppo_beta_high: gradient scales of GPPO's clipped branches.
+    Every tensor argument may be on the host when ``logp`` is on a GPU (:func:`to_device`).
     Returns:
-        (loss scalar, metrics dict of detached scalars).
+        (loss scalar, metrics dict of detached scalars), on ``logp``'s device.
     """
     eps_high = DEFAULT_EPS_HIGH.get(objective, 0.2) if eps_high is None else eps_high
     _check_policy_args(
@@ -389,6 +407,9 @@ def policy_loss(
         entropy=entropy,
         ref_logp=ref_logp,
     )
+    on = lambda x: to_device(x, logp.device)
+    old_logp, advantages, mask, ref_logp = on(old_logp), on(advantages), on(mask), on(ref_logp)
+    entropy_stats, group_ids, normalizer = on(entropy_stats), on(group_ids), on(normalizer)
     # Masked positions may hold anything (padding with -inf old log-probs): neutralise them so
     # that every intermediate stays finite and their gradient is exactly 0.
     keep = mask.bool()

@@ -83,6 +83,7 @@ class Context:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PYTHONPATH"] = os.pathsep.join(paths + ([old] if old else []))
         env["PYTHONUNBUFFERED"] = "1"
+        env["AEPO_CUDA_TESTS"] = "1"  # tests/conftest.py: compiled kernels, no interpreter
         return env
 
     def left(self) -> float:

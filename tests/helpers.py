@@ -107,3 +107,15 @@ def torchrun(worker: Path, *args: str, ranks: int = 2, timeout: float = 600, **e
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def run_rehearsal(cases: str, timeout: float = 600) -> None:
+    """Run the pytest file ``cases`` in a fresh process with the nominal ``gpu`` device
+    installed before anything else (tests/nominal_device.py: it must precede the process's
+    first backward, and it must not leak into the rest of the suite, where transformers would
+    see it as an accelerator). Fails with the inner run's output."""
+    env = dict(os.environ, AEPO_REHEARSAL="1", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", cases]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]

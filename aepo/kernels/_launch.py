@@ -78,8 +78,25 @@ def launch(kernel, grid: tuple, *args, interpret: dict | None = None, **kwargs) 
     if INTERPRET:
         _check_interpreter()
         kernel[grid](*args, **{**kwargs, **(interpret or {})})
-    else:
+        return
+    device = other_device(args)
+    with contextlib.nullcontext() if device is None else torch.cuda.device(device):
         torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def other_device(args) -> torch.device | None:
+    """The CUDA device of the first CUDA tensor in ``args`` when it is not the current device
+    (None otherwise, and under torch.compile, whose generated code sets the device itself).
+
+    Triton launches on the current device and stream: logits on cuda:1 while cuda:0 is current
+    (a model placed with ``.to("cuda:1")``, no ``torch.cuda.set_device``) would otherwise fail
+    with "Pointer argument cannot be accessed from Triton", or run on GPU 0 over peer access."""
+    if torch.compiler.is_compiling():
+        return None
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.is_cuda:
+            return arg.device if arg.device.index != torch.cuda.current_device() else None
+    return None
 
 
 def _major_minor(version: str) -> tuple[int, int]:

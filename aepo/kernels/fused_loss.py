@@ -24,7 +24,7 @@ from aepo.kernels.tree_rows import (
     unique_edges,
     unique_table,
 )
-from aepo.objectives import policy_loss
+from aepo.objectives import policy_loss, to_device
 
 
 def forward_stats(logits, labels, inv_temperature, ignore_index, backend):
@@ -113,6 +113,8 @@ def fused_policy_loss(
             ``logits[rows]``; the fused forward and backward run once over the R rows.
         **policy_loss_kwargs: objective, eps_low, eps_high, entropy_adv_coef, entropy_coef,
             ref_logp, kl_coef, agg, normalizer, ... (see ``policy_loss``).
+        ``labels`` (and ``rows``) must be on ``logits``'s device; the other tensors (old_logp,
+        advantages, mask, ref_logp, entropy_stats, group_ids, normalizer) may be on the host.
     Returns:
         (loss, metrics): equal in value and gradient to
         ``policy_loss(*logprobs_and_entropy(logits, labels), ...)``, which is what it runs
@@ -126,6 +128,8 @@ def fused_policy_loss(
     """
     inv_t = check_temperature(temperature)
     ignore_index = -100
+    moved = to_device((old_logp, advantages, mask, policy_loss_kwargs), logits.device)
+    old_logp, advantages, mask, policy_loss_kwargs = moved  # host inputs, as policy_loss
     labels = mask_to_labels(mask, labels, ignore_index)
     if rows is not None:
         args = (temperature, backend, inplace_grad, policy_loss_kwargs)

@@ -41,7 +41,7 @@ from aepo.kernels.tree_rows import (
     unique_edges,
     unique_table,
 )
-from aepo.objectives import aggregation_weights, per_token_gradients, policy_loss
+from aepo.objectives import aggregation_weights, per_token_gradients, policy_loss, to_device
 
 
 def _backend_module(backend: str):
@@ -269,6 +269,8 @@ def fused_linear_policy_loss(
             ``rows``) and a few [K] vectors.
         **policy_loss_kwargs: objective, eps_low, eps_high, entropy_adv_coef, entropy_coef,
             ref_logp, kl_coef, agg, normalizer, ... (see ``policy_loss``).
+        ``labels`` (and ``rows``) must be on ``hidden``'s device; the other tensors (old_logp,
+        advantages, mask, ref_logp, entropy_stats, group_ids, normalizer) may be on the host.
     Returns:
         (loss, metrics): equal in value and gradient to
         ``policy_loss(*linear_logprobs_and_entropy(hidden, weight, labels), ...)``.
@@ -281,6 +283,8 @@ def fused_linear_policy_loss(
     (triton: 2 GiB; torch: 128 MiB) and, for a bf16 / fp16 weight with more rows than one
     block holds, an fp32 [V, H] dW accumulator (4 V H bytes: 3.1 GB at V = 152064, H = 5120).
     """
+    moved = to_device((old_logp, advantages, mask, policy_loss_kwargs), hidden.device)
+    old_logp, advantages, mask, policy_loss_kwargs = moved  # host inputs, as policy_loss
     labels = mask_to_labels(mask, labels)
     if _single_pass(hidden, weight, process_group, policy_loss_kwargs):
         tokens = (labels, old_logp, advantages, mask)
@@ -408,12 +412,15 @@ def _block_gradients(index, old_logp, advantages, mask, kw, occ=None):
     blocks are blocks of edges: the objective runs on every occurrence of the block's edges,
     each with its own old_logp / advantage / ref_logp / statistics / weight, and the
     occurrences' (dL/dlogp, dL/dH) are summed onto their edges."""
-    pick = lambda t: t.expand(mask.shape).reshape(-1).index_select(0, index)
+    on = lambda t: to_device(torch.as_tensor(t), index.device)  # host inputs, as policy_loss
+    mask = on(mask)
+    pick = lambda t: on(t).expand(mask.shape).reshape(-1).index_select(0, index)
     old, adv = pick(old_logp), pick(advantages)
-    weights = pick(aggregation_weights(mask, kw.get("agg", "token-mean"), kw.get("normalizer")))
+    normalizer = to_device(kw.get("normalizer"), index.device)
+    weights = pick(aggregation_weights(mask, kw.get("agg", "token-mean"), normalizer))
     ref = None if kw.get("ref_logp") is None else pick(kw["ref_logp"])
     stats = kw.get("entropy_stats")
-    stats = None if stats is None else tuple(pick(torch.as_tensor(t)) for t in stats)
+    stats = None if stats is None else tuple(pick(t) for t in stats)
     block_kw = kw | {"agg": "constant", "normalizer": 1.0, "group_ids": None}
     block_kw |= {"process_group": None, "ref_logp": None, "entropy_stats": None}
     needs_h = kw.get("entropy_coef", 0.0) != 0
