@@ -114,6 +114,9 @@ class Nominal(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
+    def tolist(self):  # a host sync, as on CUDA (numpy() stays refused, as on CUDA)
+        return self.host.tolist()
+
     def __repr__(self, **kwargs) -> str:
         return f"Nominal({self.host!r}, device={self.device})"
 
