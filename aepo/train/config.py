@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
@@ -95,7 +96,9 @@ class LoggingConfig:
     tensorboard: bool = True  # write run_dir/tb
     progress: bool = True  # progress bar on rank 0
     sync_check_tokens: int = 16  # tokens sampled after each sync to compare log-probs
-    sync_tolerance: float = 1e-4  # max |vLLM - trainer| log-prob after sync (fp32)
+    # bf16/fp16 kernels differ by ~0.1 nat on a token; a skipped sync is caught in any dtype
+    # (aepo/train/sync_check.py).
+    sync_tolerance: float | None = None  # max |vLLM - trainer| log-prob; null: fp32 1e-4, 16-bit 1
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,9 @@ def _coerce(key: str, value, hint):
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            return float(value)
     if not ok:
         raise ConfigError(
             f"{key}: expected {getattr(expected, '__name__', expected)}, got {value!r} "

@@ -27,6 +27,7 @@ from aepo.train.engine import PolicyEngine, fused_head_blocker, init_distributed
 from aepo.train.metrics import MetricsLogger
 from aepo.train.preempt import Preemption
 from aepo.train.rollout import make_engine, rollout_config
+from aepo.train.sync_check import Probe, sync_tolerance, sync_verdict
 
 TIMING_KEYS = ("time_rollout", "time_train", "time_sync", "gen_tokens_per_s")
 
@@ -163,10 +164,11 @@ class Trainer:
         out = self.rollout.run(prompts, step=step, group_offset=group0)
         rewards = self._score(out.trajectories, samples)
         t1 = time.perf_counter()
+        before = self.probe_sync(prompts[0], step)  # the policy vLLM serves until the sync
         train_metrics = self.update(out.trajectories)
         t2 = time.perf_counter()
         self.sync_weights()
-        sync_diff = self.check_sync(prompts[0], step)
+        sync_diff = self.check_sync(prompts[0], step, before)
         t3 = time.perf_counter()
         rollout = rollout_metrics(out)
         speed = rollout.pop("gen_tokens_per_s")  # a timing: this rank's, like the three below
@@ -332,8 +334,9 @@ class Trainer:
         self.engine.update_weights(self.policy.gathered_parameters())
 
     @torch.no_grad()
-    def check_sync(self, prompt_ids: list[int], step: int) -> float:
-        """Sample a few tokens with vLLM and compare its log-probs with the trainer's."""
+    def probe_sync(self, prompt_ids: list[int], step: int) -> Probe:
+        """A few tokens sampled by vLLM for a fixed (prompt, seed), with vLLM's log-probs of
+        them and the trainer's (:mod:`aepo.train.sync_check`)."""
         cfg = self.cfg
         n = cfg.logging.sync_check_tokens
         seed = cfg.run.seed * 1_000_003 + step
@@ -344,13 +347,19 @@ class Trainer:
         logits = logits.float() / cfg.rollout.temperature
         lp = torch.log_softmax(logits[0, len(prompt_ids) - 1 : -1], -1)
         ref = lp.gather(-1, torch.tensor(res.token_ids, device=lp.device)[:, None])[:, 0].cpu()
-        diff = (torch.tensor(res.logprobs) - ref).abs().max().item() if res.token_ids else 0.0
-        if not diff <= cfg.logging.sync_tolerance:
-            raise RuntimeError(
-                f"weight sync check failed at step {step}: vLLM and trainer log-probs differ by "
-                f"{diff:.3g} > logging.sync_tolerance={cfg.logging.sync_tolerance}"
-            )
-        return diff
+        return Probe(list(res.token_ids), torch.tensor(res.logprobs, dtype=torch.float32), ref)
+
+    def check_sync(self, prompt_ids: list[int], step: int, before: Probe | None = None) -> float:
+        """After a sync: raise if vLLM still serves the previous policy (``before``: the same
+        probe taken before the update) or its log-probs differ from the trainer's by more than
+        ``logging.sync_tolerance`` (auto: by the weights' dtype); else that largest gap."""
+        after = self.probe_sync(prompt_ids, step)
+        dtype = next(self.policy.engine.module.parameters()).dtype
+        tolerance = sync_tolerance(self.cfg.logging.sync_tolerance, dtype)
+        why = sync_verdict(before, after, tolerance)
+        if why:
+            raise RuntimeError(f"weight sync check failed at step {step}: {why}")
+        return after.gap()
 
 
 def choose_lm_head(mode: str, policy: PolicyEngine, rank: int) -> bool:

@@ -18,6 +18,7 @@ from aepo.train.config import load_config
 from aepo.train.engine import PolicyEngine, init_distributed
 from aepo.train.loop import Trainer
 from aepo.train.rollout import make_engine
+from aepo.train.sync_check import Probe, sync_tolerance, sync_verdict
 
 PROMPT = [5, 17, 42, 8, 23, 11, 64, 3]  # token ids (every test model's vocabulary has them)
 
@@ -51,13 +52,11 @@ def optimizer_step(trainer: Trainer) -> None:
     assert trainer.policy.step() is True
 
 
-def stale_detected(trainer: Trainer) -> bool:
-    """Whether check_sync fails before the sync (the step moved the weights that far)."""
-    try:
-        trainer.check_sync(PROMPT, 0)
-    except RuntimeError:
-        return True
-    return False
+def skipped_sync_verdict(trainer: Trainer, before: Probe) -> str | None:
+    """What the check says after an update with no sync (vLLM serving the previous policy),
+    with a tolerance (10 nats) that the log-prob gap alone could never exceed: the detection
+    must not rest on the tolerance, which bf16 kernel noise forces wide."""
+    return sync_verdict(before, trainer.probe_sync(PROMPT, 1), tolerance=10.0)
 
 
 def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -65,19 +64,21 @@ def snapshot(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def run(trainer: Trainer) -> dict:
-    """Step, stale check, streaming sync, check; what each showed."""
+    """Probe, step, check without a sync, streaming sync, check; what each showed."""
+    probe = trainer.probe_sync(PROMPT, 1)  # vLLM and trainer on the same (initial) weights
     optimizer_step(trainer)
-    stale = stale_detected(trainer)
+    skipped = skipped_sync_verdict(trainer, probe)
     before = snapshot(trainer)
     trainer.sync_weights()
-    diff = trainer.check_sync(PROMPT, 1)  # raises above logging.sync_tolerance (1e-4)
+    diff = trainer.check_sync(PROMPT, 1, probe)  # raises above the fp32 tolerance (1e-4)
     after = snapshot(trainer)
     module = trainer.policy.engine.module
+    dtype = next(module.parameters()).dtype
     return {
         "tied": bool(module.config.tie_word_embeddings),
-        "stale_detected": stale,
+        "skipped_sync": skipped,
         "diff": diff,
-        "tolerance": trainer.cfg.logging.sync_tolerance,
+        "tolerance": sync_tolerance(trainer.cfg.logging.sync_tolerance, dtype),
         "trainer_unchanged": all(torch.equal(before[n], after[n]) for n in before),
         "buckets": len(list(trainer.policy._buckets())),
         "partitioned": sum(p.data.numel() == 0 for p in module.parameters()),  # not persistent
