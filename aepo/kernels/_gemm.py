@@ -28,6 +28,14 @@ def _has_out_dtype() -> bool:
 
 
 @functools.cache
+def _has_fp32_accumulator_addmm() -> bool:
+    """torch >= 2.10: ``addmm(fp32 self, bf16, bf16, out_dtype=fp32)``; before pytorch#167931
+    the CUDA kernel required ``self`` in the operands' dtype ("self and mat2 must have the same
+    dtype")."""
+    return torch.torch_version.TorchVersion(torch.__version__) >= (2, 10)
+
+
+@functools.cache
 def _capable(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 0)
 
@@ -48,8 +56,7 @@ def operand(w: torch.Tensor) -> torch.Tensor:
     """The weight as the GEMMs take it: itself where they run on tensor cores (CUDA), else
     upcast once to the accumulator dtype (so a loop over row blocks does not upcast it again).
     """
-    fast = w.is_cuda and w.dtype in LOW_PRECISION and _has_out_dtype()
-    return w if fast else w.to(accumulator_dtype(w.dtype))
+    return w if tensor_cores(w, w) else w.to(accumulator_dtype(w.dtype))
 
 
 def mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,7 +73,10 @@ def mm_acc(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) ->
 def addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` in place, acc in the accumulator dtype, one fp32 sum per element."""
     if tensor_cores(a, b):
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        if _has_fp32_accumulator_addmm():
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        else:  # torch 2.8 / 2.9: one fp32 temporary of the block
+            acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
         return
     acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 

@@ -65,6 +65,7 @@ class RolloutSection:
     tool_timeout_s: float = _R.tool_timeout_s  # seconds per tool call, then error="timeout"
     cpu_kv_cache_gib: int = _V.cpu_kv_cache_gib  # vLLM KV cache on CPU
     gpu_memory_utilization: float = _V.gpu_memory_utilization  # vLLM share of GPU memory
+    max_model_len: int | None = _V.max_model_len  # vLLM context length; null: the model's own
 
 
 @dataclass(frozen=True)

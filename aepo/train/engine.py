@@ -138,7 +138,11 @@ def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
                 "betas": list(o.betas),
                 "eps": 1e-8,
                 "weight_decay": o.weight_decay,
-                "torch_adam": not on_gpu,
+                # torch's AdamW (fused kernel on GPU): DeepSpeed's FusedAdam is JIT-built at
+                # start-up with an nvcc matching torch's CUDA. Offloaded states keep DeepSpeed's
+                # CPU Adam (it requires it; a host C++ compiler builds it).
+                "torch_adam": not (on_gpu and z.offload_optimizer),
+                "fused": on_gpu and not z.offload_optimizer,
             },
         },
         "zero_allow_untested_optimizer": True,

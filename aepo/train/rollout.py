@@ -52,6 +52,7 @@ def make_engine(cfg: TrainConfig, model_path: str, world: int, tokenizer):
         dtype=dtype,
         cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
         gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+        max_model_len=cfg.rollout.max_model_len,
         executor="external_launcher" if world > 1 else "uni",
         seed=cfg.run.seed,
     )

@@ -94,6 +94,22 @@ def test_tensor_core_gemms(cuda, dtype):
 
 
 @pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+def test_accumulating_gemm_before_torch_2_10(cuda, dtype, monkeypatch):
+    """torch 2.8 / 2.9 refuse addmm with an fp32 self and 16-bit operands: the fallback adds
+    an fp32 product instead, the same sums (GPU_AUDIT 1.9)."""
+    g = torch.Generator(device=cuda).manual_seed(1)
+    a = torch.randn(64, 256, generator=g, device=cuda).to(dtype)
+    b = torch.randn(256, 96, generator=g, device=cuda).to(dtype)
+    fused, fallback = _gemm.mm_acc(a, b), _gemm.mm_acc(a, b)
+    _gemm.addmm_acc_(fused, a, b)
+    monkeypatch.setattr(_gemm, "_has_fp32_accumulator_addmm", lambda: False)
+    _gemm.addmm_acc_(fallback, a, b)
+    exact = 2 * (a.double() @ b.double())
+    for z in (fused, fallback):
+        torch.testing.assert_close(z.double(), exact, rtol=0, atol=2e-4 * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_single_pass_within_rule(cuda, monkeypatch, dtype, temperature):
     """Several row blocks (fp32 dW accumulator), the auto backend, V=32000."""

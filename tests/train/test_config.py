@@ -124,3 +124,31 @@ def test_model_without_tokenizer_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match=r"has no tokenizer \(none of tokenizer.json"):
         load_config(None, [f"model.path={tmp_path}"])
+
+
+def test_vllm_context_length_reaches_the_engine(monkeypatch):
+    """rollout.max_model_len: a model whose own context needs more KV cache than the share
+    holds (Llama-3.1-8B: 131072) starts only with a shorter one (GPU_AUDIT 1.3)."""
+    from aepo.rollout.engines import vllm as vllm_engine
+    from aepo.train import rollout
+
+    made = []
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", lambda path, vcfg: made.append(vcfg))
+    for overrides, want in (([], None), (["rollout.max_model_len=8192"], 8192)):
+        rollout.make_engine(load_config(None, overrides), "model", 1, None)
+        assert made[-1].max_model_len == want
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_gpu_optimizer_needs_no_jit_build(monkeypatch, offload):
+    """On a GPU DeepSpeed's default FusedAdam is compiled at start-up with an nvcc matching
+    torch's CUDA (GPU_AUDIT 1.7): torch's fused AdamW instead; offloaded states keep CPU Adam."""
+    from aepo.train.engine import deepspeed_config
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    cfg = load_config(None, [f"deepspeed.offload_optimizer={str(offload).lower()}"])
+    params = deepspeed_config(cfg, 1)["optimizer"]["params"]
+    assert params["torch_adam"] is not offload and params["fused"] is not offload
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    params = deepspeed_config(cfg, 1)["optimizer"]["params"]
+    assert params["torch_adam"] is True and params["fused"] is False
