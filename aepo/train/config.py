@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str | None = None  # HF model folder; None: the task builds its default model
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), float32, bfloat16
-    attn_implementation: str = "sdpa"  # sdpa, eager, or flash_attention_2 (GPU, [gpu] extra)
+    attn_implementation: str = "sdpa"  # sdpa, eager, or flash_attention_2 (GPU, flash-attn)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,9 @@ def init_distributed() -> tuple[int, int]:
     import deepspeed
     import torch.distributed as dist
 
+    problem = unusable_gpus()
+    if problem:
+        raise RuntimeError(problem)
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(
@@ -35,6 +39,23 @@ def init_distributed() -> tuple[int, int]:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return dist.get_rank(), dist.get_world_size()
+
+
+def unusable_gpus(gpus: Path = Path("/proc/driver/nvidia/gpus")) -> str | None:
+    """Why the NVIDIA GPUs this machine has cannot be used by this torch, or None (no GPU, or
+    torch sees them). A CUDA torch newer than the driver reports no GPU at all, and training
+    would silently run on the CPU in fp32; a CPU build on a GPU machine is a choice, allowed."""
+    if torch.version.cuda is None or torch.cuda.is_available() or not gpus.is_dir():
+        return None
+    count = len(list(gpus.iterdir()))
+    if count == 0:
+        return None
+    return (
+        f"this machine has {count} NVIDIA GPU(s) but torch {torch.__version__} (built for CUDA "
+        f"{torch.version.cuda}) cannot use them: most often the driver is older than CUDA "
+        f"{torch.version.cuda} needs (nvidia-smi prints the newest CUDA the driver supports). "
+        "Update the driver, or install a torch built for the driver's CUDA"
+    )
 
 
 def _free_port() -> int:
@@ -168,7 +189,7 @@ class PolicyEngine:
         if cfg.model.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
             raise RuntimeError(
                 "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn "
-                "package ([gpu] extra); use sdpa on CPU"
+                "package (pip install flash-attn --no-build-isolation); use sdpa on CPU"
             )
         self.ds_config = deepspeed_config(cfg, grad_accum)
         self._hf_ds = HfDeepSpeedConfig(self.ds_config)  # keep alive: ZeRO-3-aware loading

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -125,16 +126,34 @@ def _check_call(query, key, attention_mask, dropout, pack: TreePack, kwargs) -> 
 
 
 def _flash_ok(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _has_flash_attn()
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    problem = flash_attn_problem()
+    if problem is not None:
+        _warn_sdpa_fallback(problem)
+    return problem is None
 
 
 @functools.cache
-def _has_flash_attn() -> bool:
+def flash_attn_problem() -> str | None:
+    """Why flash-attn cannot be imported (the import error), or None when it can."""
     try:
         import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except ImportError as exc:  # absent, or built against another torch / CUDA
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@functools.cache
+def _warn_sdpa_fallback(problem: str) -> None:
+    """Once per process: tree packing on a GPU without flash-attn runs the SDPA path."""
+    warnings.warn(
+        f"train.packing=tree on CUDA without flash-attn ({problem}): tree attention falls back "
+        "to SDPA per group of equal-shape segments, slower on real trees. Install it after "
+        "torch: pip install flash-attn --no-build-isolation",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def flash_tree_attention(
@@ -209,18 +228,18 @@ def sdpa_tree_attention(
     """The reference path: torch SDPA per group of equal-shape segments.
 
     q: [T, Hq, d]; k, v: [T, Hkv, d]. Returns [T, Hq, d]. Per group of G segments it allocates
-    queries [G, Hq, Lq, d], keys/values [G, Hq, Lk, d] and scores [G, Hq, Lq, Lk].
+    queries [G, Hq, Lq, d], keys/values [G, Hkv, Lk, d] and scores [G, Hq, Lq, Lk].
     """
     plan = _plan(pack)
-    rep = q.shape[1] // k.shape[1]
+    gqa = q.shape[1] != k.shape[1]  # query head h reads kv head h // (Hq / Hkv), not copied
     outs = []
     for g in plan.groups:
         qg = q[g.q_index].transpose(1, 2)  # [G, Hq, Lq, d]
         kg = k[g.k_index].transpose(1, 2)  # [G, Hkv, Lk, d]
         vg = v[g.k_index].transpose(1, 2)
-        if rep > 1:  # query head h reads kv head h // rep
-            kg, vg = kg.repeat_interleave(rep, dim=1), vg.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=scale)
+        o = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=gqa
+        )
         outs.append(o.transpose(1, 2).flatten(0, 1))  # [G * Lq, Hq, d]
     if not outs:
         return q.new_zeros(q.shape)

@@ -152,3 +152,23 @@ def test_gpu_optimizer_needs_no_jit_build(monkeypatch, offload):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     params = deepspeed_config(cfg, 1)["optimizer"]["params"]
     assert params["torch_adam"] is True and params["fused"] is False
+
+
+def test_gpus_torch_cannot_use_are_named(tmp_path, monkeypatch):
+    """GPUs present, a CUDA torch that sees none (driver older than its CUDA): a named error
+    instead of training on the CPU; a CPU build, no GPU, or a working one: nothing."""
+    from aepo.train.engine import unusable_gpus
+
+    gpus = tmp_path / "gpus"
+    for bus in ("0000:00:01.0", "0000:00:02.0"):
+        (gpus / bus).mkdir(parents=True)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.version.cuda", "13.0")
+    problem = unusable_gpus(gpus)
+    assert "2 NVIDIA GPU(s)" in problem and "CUDA 13.0" in problem and "driver" in problem
+    assert unusable_gpus(tmp_path / "absent") is None
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert unusable_gpus(gpus) is None
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.version.cuda", None)  # a CPU build: the user's choice
+    assert unusable_gpus(gpus) is None

@@ -493,3 +493,26 @@ def test_flash_path_matches_sdpa_path(cuda, dtype, tree):
         q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), pack, d**-0.5
     )
     assert torch.equal(entry[0], direct)
+
+
+def test_missing_flash_attn_on_cuda_warns_once_with_the_import_error():
+    """Tree packing on a GPU without a usable flash-attn falls back to SDPA: said once, with
+    the import error and the install command (GPU_AUDIT 1.6 / 19), never on the CPU."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from aepo.train import tree_attention as ta
+
+    if ta.flash_attn_problem() is None:
+        pytest.skip("flash-attn is importable here")
+    with FakeTensorMode():
+        q_gpu = torch.empty(4, 2, 32, device="cuda", dtype=torch.bfloat16)
+    ta._warn_sdpa_fallback.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not ta._flash_ok(q_gpu) and not ta._flash_ok(q_gpu)
+        assert not ta._flash_ok(torch.empty(4, 2, 32, dtype=torch.bfloat16))  # CPU: silent
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert "flash_attn" in messages[0] and "--no-build-isolation" in messages[0]
