@@ -9,7 +9,9 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "aepo"
 TOP = ("aepo.evaluate", "aepo.demo", "aepo.cli")
+# The drop-ins share the fused head's plumbing with the trainer through aepo.lm_head.
 BELOW_TRAIN = ("aepo.kernels", "aepo.objectives", "aepo.loss", "aepo.rollout", "aepo.tasks")
+BELOW_TRAIN += ("aepo.integrations", "aepo.lm_head")
 
 
 def modules() -> dict[str, Path]:

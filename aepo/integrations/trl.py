@@ -7,7 +7,7 @@ method, ``_compute_loss(model, inputs)``, and reads the same ``inputs`` dict TRL
 entropies [B, K] (K = completion length) from aepo's kernels, then the loss from
 :func:`aepo.objectives.policy_loss`:
 
-- ``lm_head="fused"`` (``"auto"`` picks it when :func:`aepo.train.engine.fused_head_blocker`
+- ``lm_head="fused"`` (``"auto"`` picks it when :func:`aepo.lm_head.fused_head_blocker`
   allows: plain bias-free ``nn.Linear`` head, no logit soft-capping or scaling, not FSDP): the
   model's forward is redirected to backbone -> last hidden states [B, K, H], and the lm_head's
   forward to :func:`aepo.kernels.linear_logprobs_and_entropy` (hidden x weight [V, H], the
@@ -84,10 +84,10 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import maybe_gather_lm_head_ctx, nanmax, nanmin
 
 from aepo.kernels import BACKENDS, linear_logprobs_and_entropy, logprobs_and_entropy
+from aepo.lm_head import fused_head_blocker, redirect
 from aepo.loss import LM_HEAD_MODES
 from aepo.loss import PolicyLossConfig as _AEPO  # its defaults are AEPOConfig's
 from aepo.objectives import DEFAULT_EPS_HIGH, OBJECTIVES, entropy_statistics, policy_loss
-from aepo.train.engine import _redirect, fused_head_blocker
 
 __all__ = ["AEPOConfig", "AEPOTrainer"]
 
@@ -316,15 +316,19 @@ class AEPOTrainer(GRPOTrainer):
             return head(hidden[:, -k - 1 : -1])  # position t predicts token t + 1
 
         def head_forward(hidden):
-            weight = head.weight
-            no_autocast = torch.autocast(hidden.device.type, enabled=False)
-            with maybe_gather_lm_head_ctx(weight), no_autocast:
-                x = hidden.to(weight.dtype)
-                return linear_logprobs_and_entropy(x, weight, labels.to(x.device), **kernel)
+            weight, device = head.weight, hidden.device.type
+            # Under AMP (fp32 master weights, bf16 autocast) the head runs in the autocast
+            # dtype, as the logits path's matmul does: tensor cores, not fp32 GEMMs. The cast
+            # is differentiable, so the fp32 weight gets its gradient.
+            amp = torch.is_autocast_enabled(device)
+            dtype = torch.get_autocast_dtype(device) if amp else weight.dtype
+            with maybe_gather_lm_head_ctx(weight), torch.autocast(device, enabled=False):
+                x, w = hidden.to(dtype), weight.to(dtype)
+                return linear_logprobs_and_entropy(x, w, labels.to(x.device), **kernel)
 
         with (
-            _redirect(inner, forward),
-            _redirect(head, head_forward),
+            redirect(inner, forward),
+            redirect(head, head_forward),
             self.accelerator.autocast(),
         ):
             return model(input_ids=input_ids, attention_mask=attention_mask)

@@ -3,7 +3,6 @@ gathered weights for vLLM, save, load). fp32 + torch AdamW on CPU, bf16 on GPU."
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from aepo.distributed import all_reduce
+from aepo.lm_head import redirect
 from aepo.train.config import ConfigError, TrainConfig
 from aepo.train.tree_attention import KWARG, tree_blocker, tree_forward
 from aepo.train.tree_pack import TreePack, pack_tree
@@ -94,50 +94,6 @@ def _per_token(tensors, layout, device):
 def _flat(values: torch.Tensor, layout) -> torch.Tensor:
     """Per-token kernel outputs back to [B, L]: a tree's already are (``rows=``)."""
     return values if isinstance(layout, TreePack) else unpack(values, layout)
-
-
-# Config attributes of HF models whose output layer is more than hidden @ W^T.
-_LOGIT_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier",
-)
-
-
-def fused_head_blocker(model) -> str | None:
-    """Why the fused hidden-state loss cannot replace ``model``'s output layer, or None.
-
-    Fused needs a plain bias-free ``nn.Linear`` lm_head, a backbone under
-    ``model.base_model_prefix``, and no logit soft-capping or scaling in the config.
-    """
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return f"the output layer is {type(head).__name__}, not a plain nn.Linear"
-    if head.bias is not None:
-        return "the lm_head has a bias"
-    if not isinstance(getattr(model, model.base_model_prefix, None), torch.nn.Module):
-        return f"no backbone at model.{model.base_model_prefix}"
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(model.config, name, None)
-        if value not in (None, 0, 0.0, 1, 1.0):
-            return f"the model transforms its logits ({name}={value})"
-    return None
-
-
-@contextlib.contextmanager
-def _redirect(module: torch.nn.Module, forward):
-    """Temporarily replace ``module``'s forward (an instance attribute shadows the class's);
-    its hooks (ZeRO-3's gathers among them) still run around the call."""
-    previous = module.__dict__.get("forward")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        if previous is None:
-            del module.forward
-        else:
-            module.forward = previous
 
 
 def deepspeed_config(cfg: TrainConfig, grad_accum: int) -> dict:
@@ -322,7 +278,7 @@ class PolicyEngine:
         inputs, layout = self._inputs(input_ids, attention_mask, tree=True)
         forward = lambda **kw: head(backbone(**kw).last_hidden_state)
         head_forward = lambda hidden: head_call(hidden, head.weight, layout)
-        with _redirect(module, forward), _redirect(head, head_forward):
+        with redirect(module, forward), redirect(head, head_forward):
             return self._forward(inputs, layout), layout
 
     def take_token_counts(self) -> tuple[int, int]:

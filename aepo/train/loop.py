@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from aepo.distributed import all_reduce, mean_over_ranks
+from aepo.lm_head import fused_head_blocker
 from aepo.objectives import entropy_statistics, group_advantages
 from aepo.rollout.engines.base import GenRequest, SamplingConfig
 from aepo.rollout.metrics import rollout_metrics
@@ -23,7 +24,7 @@ from aepo.rollout.tree import TreeRollout
 from aepo.tasks.base import get_task, group_label
 from aepo.train import checkpoint
 from aepo.train.config import ConfigError, TrainConfig, dump_config
-from aepo.train.engine import PolicyEngine, fused_head_blocker, init_distributed
+from aepo.train.engine import PolicyEngine, init_distributed
 from aepo.train.metrics import MetricsLogger
 from aepo.train.preempt import Preemption
 from aepo.train.rollout import make_engine, rollout_config
@@ -364,7 +365,7 @@ class Trainer:
 
 def choose_lm_head(mode: str, policy: PolicyEngine, rank: int) -> bool:
     """True for the fused hidden-state loss. ``auto`` takes it when the model's output layer
-    allows (:func:`~aepo.train.engine.fused_head_blocker`); the choice is printed once."""
+    allows (:func:`~aepo.lm_head.fused_head_blocker`); the choice is printed once."""
     blocker = fused_head_blocker(policy.engine.module)
     if mode == "fused" and blocker:
         raise ConfigError(f"objective.lm_head=fused is not possible for this model: {blocker}")

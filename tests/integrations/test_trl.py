@@ -333,3 +333,25 @@ def test_three_training_steps(model_path, tmp_path):
         assert all(torch.isfinite(torch.tensor(entry[name])) for entry in logs), name
     moved = [n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])]
     assert "lm_head.weight" in moved and len(moved) == len(before)
+
+
+def test_fused_head_under_autocast_runs_in_the_autocast_dtype(
+    model_path, batch, tmp_path, monkeypatch
+):
+    """AMP (fp32 weights, bf16 autocast): the fused head's GEMMs take bf16 operands like the
+    logits path's matmul, not fp32 ones, and the fp32 weight still gets its gradient
+    (GPU_AUDIT 20)."""
+    import aepo.integrations.trl as aepo_trl
+
+    tr = trainer(AEPOTrainer, model_path, config(AEPOConfig, tmp_path, lm_head="fused"))
+    assert tr._aepo_fused
+    seen, real = [], aepo_trl.linear_logprobs_and_entropy
+    spy = lambda x, w, *a, **k: seen.append((x.dtype, w.dtype)) or real(x, w, *a, **k)
+    monkeypatch.setattr(aepo_trl, "linear_logprobs_and_entropy", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logp, _ = tr._policy_logps(tr.model, batch, batch["completion_mask"])
+    tr.model.zero_grad()
+    logp.float().sum().backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    weight = tr.model.get_output_embeddings().weight
+    assert weight.dtype == torch.float32 and weight.grad.abs().max() > 0

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from aepo.lm_head import fused_head_blocker
 from aepo.models import build_model, save, train_tokenizer
-from aepo.train.engine import fused_head_blocker
 from tests.helpers import EPS32, assert_close_scaled, torchrun
 
 pytest.importorskip("deepspeed")
