@@ -39,15 +39,13 @@ def rollout_config(cfg: TrainConfig, protocol: dict | None = None) -> RolloutCon
 
 def make_engine(cfg: TrainConfig, model_path: str, world: int, tokenizer):
     """The colocated generation engine: one in-process vLLM per rank (or HF)."""
+    dtype = "bfloat16" if torch.cuda.is_available() and cfg.model.dtype != "float32" else "float32"
     if cfg.rollout.engine == "hf":
-        from transformers import AutoModelForCausalLM
-
         from aepo.rollout.engines.hf import HFEngine
 
-        return HFEngine(AutoModelForCausalLM.from_pretrained(model_path), tokenizer)
+        return HFEngine(_hf_rollout_model(model_path, getattr(torch, dtype)), tokenizer)
     from aepo.rollout.engines.vllm import VLLMConfig, VLLMEngine
 
-    dtype = "bfloat16" if torch.cuda.is_available() and cfg.model.dtype != "float32" else "float32"
     vcfg = VLLMConfig(
         dtype=dtype,
         cpu_kv_cache_gib=cfg.rollout.cpu_kv_cache_gib,
@@ -57,3 +55,24 @@ def make_engine(cfg: TrainConfig, model_path: str, world: int, tokenizer):
         seed=cfg.run.seed,
     )
     return VLLMEngine(model_path, vcfg)
+
+
+def _hf_rollout_model(model_path: str, dtype: torch.dtype):
+    """The HF rollout engine's own full copy of the model, on this rank's device in ``dtype``.
+
+    The trainer's ``HfDeepSpeedConfig`` is alive by now, and under ZeRO-3 transformers would
+    build any model inside ``zero.Init`` (partitioned, its parameters of size 0, left on the
+    host): the rollout copy is loaded with it set aside."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter
+    held = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
+    finally:
+        if held is not None:
+            hf_deepspeed.set_hf_deepspeed_config(held)
+    device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from aepo.train.config import ConfigError, dump_config, load_config, to_dict
@@ -172,3 +173,23 @@ def test_gpus_torch_cannot_use_are_named(tmp_path, monkeypatch):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     monkeypatch.setattr("torch.version.cuda", None)  # a CPU build: the user's choice
     assert unusable_gpus(gpus) is None
+
+
+def test_hf_rollout_model_is_a_full_copy_under_zero3(tmp_path):
+    """rollout.engine=hf is loaded after the trainer's HfDeepSpeedConfig: it must not be built
+    partitioned under zero.Init (GPU_AUDIT 1.11), and the trainer's config stays in force."""
+    pytest.importorskip("deepspeed")
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from aepo.models import build_model, save, train_tokenizer
+    from aepo.train.rollout import _hf_rollout_model
+
+    tok = train_tokenizer(["the x of a is b", "the y of c is d"] * 8, vocab_size=120)
+    path = save(build_model(tok, hidden=64, layers=1, heads=2), tok, tmp_path / "m")
+    held = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_batch_size": 1})
+    assert is_deepspeed_zero3_enabled()
+    model = _hf_rollout_model(str(path), torch.float32)
+    assert is_deepspeed_zero3_enabled() and held.is_zero3()
+    assert all(p.numel() > 0 and p.dtype == torch.float32 for p in model.parameters())
+    assert not any(hasattr(p, "ds_id") for p in model.parameters())  # not a ZeRO-3 parameter
+    assert not model.training
