@@ -71,6 +71,7 @@ class RolloutSection:
 @dataclass(frozen=True)
 class TrainSection:
     packing: str = "tree"  # tree: shared prefixes forwarded once; flat: every path padded
+    gradient_checkpointing: bool = False  # recompute activations in backward (long rows, 7B+)
 
 
 @dataclass(frozen=True)

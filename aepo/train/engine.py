@@ -159,6 +159,8 @@ class PolicyEngine:
                 f"train.packing=tree is not possible for this model: {blocker}; set "
                 "train.packing=flat"
             )
+        if cfg.train.gradient_checkpointing:  # tree attention replays as itself (tree_forward)
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         self.engine, *_ = deepspeed.initialize(
             model=model, model_parameters=model.parameters(), config=self.ds_config
         )

@@ -193,3 +193,27 @@ def test_hf_rollout_model_is_a_full_copy_under_zero3(tmp_path):
     assert all(p.numel() > 0 and p.dtype == torch.float32 for p in model.parameters())
     assert not any(hasattr(p, "ds_id") for p in model.parameters())  # not a ZeRO-3 parameter
     assert not model.training
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_gradient_checkpointing_reaches_the_model(tmp_path, monkeypatch, on):
+    """train.gradient_checkpointing: activations recomputed in backward (GPU_AUDIT 1.8), set
+    before DeepSpeed wraps the model."""
+    deepspeed = pytest.importorskip("deepspeed")
+    from aepo.models import build_model, save, train_tokenizer
+    from aepo.train.engine import PolicyEngine
+
+    class Wrapped(Exception):
+        pass
+
+    def initialize(model, **kw):
+        raise Wrapped(model)
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    tok = train_tokenizer(["the x of a is b", "the y of c is d"] * 8, vocab_size=120)
+    path = save(build_model(tok, hidden=64, layers=1, heads=2), tok, tmp_path / "m")
+    flag = f"train.gradient_checkpointing={str(on).lower()}"
+    cfg = load_config(None, [flag, "deepspeed.zero_stage=0"])
+    with pytest.raises(Wrapped) as got:
+        PolicyEngine(cfg, str(path), grad_accum=1)
+    assert got.value.args[0].is_gradient_checkpointing is on
