@@ -306,6 +306,9 @@ def _single_pass(hidden, weight, process_group, loss_kwargs) -> bool:
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return (
         wants_grad
+        # fp16: the single pass forms dz in fp16 before the backward's (loss-scaled) dL arrives,
+        # so small gradients underflow that GradScaler / DeepSpeed's loss scale would keep
+        and weight.dtype != torch.float16
         and not torch.compiler.is_compiling()  # it calls torch.autograd.grad in the forward
         and process_group is None
         and per_token_gradients(**loss_kwargs)

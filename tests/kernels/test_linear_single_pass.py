@@ -1,4 +1,4 @@
-"""The 6NHV single pass of fused_linear_policy_loss for bf16 / fp16 weights on both backends
+"""The 6NHV single pass of fused_linear_policy_loss for bf16 weights on both backends
 (triton: the CUDA code path with the GEMMs' out_dtype branch replaced by an exact upcast, the
 row kernels through the interpreter) against float64 under the tolerance rule, with the
 regressions other fused-linear kernels shipped; the blocks it chooses and its dW accumulator;
@@ -26,7 +26,8 @@ from aepo.objectives import policy_loss
 from tests.helpers import assert_within_rule
 
 BACKENDS = ("torch", "triton")
-LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16 takes the recompute path (test_fp16_takes_the_recompute_path_for_loss_scaling)
+LOW = {"bf16": torch.bfloat16}
 STATS = (torch.tensor(2.5), torch.tensor(0.8))
 KW = {"objective": "aepo", "entropy_coef": 0.5, "entropy_stats": STATS}  # H matters
 MODULES = {"torch": linear_torch, "triton": linear_gemm}
@@ -270,3 +271,28 @@ def test_cost_models(monkeypatch):
     assert one["blocks"] == 1 and "dW fp32 -> weight dtype" not in [
         k["name"] for k in one["kernels"]
     ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_takes_the_recompute_path_for_loss_scaling(monkeypatch, backend):
+    """fp16 weights: the single pass would form dz in fp16 before the loss scale arrives, so
+    a small per-token gradient (token-mean over many tokens, times a small p_j) underflows
+    that GradScaler keeps. The recompute path's backward gets the scaled dL first: a loss
+    scaled by 2^16 gives 2^16 times the unscaled fp32 gradient (GPU_AUDIT 2.4)."""
+    spy = _Spy(monkeypatch, MODULES[backend])
+    case = _case(20, 16, 300, torch.float16, scale=0.6)
+    hidden, weight, labels, old_logp, adv, mask = case
+    x = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    kw = {"backend": backend, "objective": "grpo"}  # per-token gradients: single-pass-able
+    loss, _ = fused_linear_policy_loss(x, w, labels, old_logp, adv, mask, **kw)
+    (loss * 2.0**16).backward()
+    assert spy.passes == []  # not the single pass
+    xf, wf = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    ref, _ = fused_linear_policy_loss(xf, wf, labels, old_logp, adv, mask, **kw)
+    ref.backward()
+    small = wf.grad.abs() < 2**-24  # fp16's smallest subnormal: lost unscaled in fp16
+    assert small.any() and (w.grad[small] != 0).any()
+    assert_within_rule(
+        "dW / 2^16", w.grad.float() / 2**16, wf.grad, wf.grad.double(), torch.float16
+    )
