@@ -411,9 +411,9 @@ class PolicyEngine:
 
         rank0 = dist.get_rank() == 0
         state = {}
-        for name, t in self.gathered_parameters():  # fp32, on the host; rank 0 alone keeps them
-            if rank0:
-                state[name] = t.to("cpu", torch.float32, copy=True)
+        for name, t in self.gathered_parameters():  # on the host; rank 0 alone keeps them
+            if rank0:  # in the model's dtype: an fp32 copy of bf16 weights is twice the disk
+                state[name] = t.to("cpu", copy=True)
         if rank0:
             module = self.engine.module
             module.save_pretrained(directory, state_dict=state, safe_serialization=True)
