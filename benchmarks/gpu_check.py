@@ -55,6 +55,21 @@ STAGES = ("tests", "bench", "sweep", "memory")
 # Relative share of the time left that each stage may use; memory only reads the bench rows.
 SHARES = {"tests": 0.2, "bench": 0.62, "sweep": 0.18, "memory": 0.0}
 PEERS = ("trl-triton", "trl-chunked", "liger")
+# The cuda-marked tests, riskiest first, so that a stage stopped at its share has run them:
+# the cuBLAS out_dtype / addmm GEMMs (never run before), the compiled kernels, the trainer's and
+# the peers' GPU tests; the Inductor compile cases (slow, a compile each) last. pytest runs
+# its arguments in order; tests/bench/test_gpu_check.py checks that they cover `-m cuda tests`.
+GPU_TESTS = "tests/kernels/test_gpu.py::"
+CUDA_TEST_ORDER = (
+    "tests/kernels/test_gpu_linear.py",
+    GPU_TESTS + "test_compiled_kernel_matches_fp64",
+    GPU_TESTS + "test_inplace_grad_on_gpu",
+    GPU_TESTS + "test_more_than_2_to_31_elements",
+    "tests/train",
+    "tests/bench",
+    GPU_TESTS + "test_torch_compile_fullgraph",
+    GPU_TESTS + "test_torch_compile_cases",
+)
 FILES = ("_log.txt", "_tests.xml", "_rows.jsonl", "_sweep.jsonl", ".md", ".json")
 KILL_GRACE_S = 5.0
 
@@ -97,7 +112,7 @@ def stage_commands(name: str, ctx: Context) -> list[tuple[list[str], float]]:
     shape += ["--rounds", str(ctx.rounds)] if ctx.rounds else []
     if name == "tests":
         junit = f"--junitxml={ctx.path('_tests.xml')}"
-        return [([*pytest, "-v", "-m", "cuda", "tests", junit], 1)]  # -v: a line per test
+        return [([*pytest, "-v", "-m", "cuda", *CUDA_TEST_ORDER, junit], 1)]  # -v: line a test
     if name == "bench":  # ours first in every suite; the first vocabulary is the largest
         bench = [*pytest, "-v", "-s", *shape, f"--rows={ctx.path('_rows.jsonl')}"]
         cmds = [([*bench, "benchmarks/bench_kernels.py", "--vocab", str(v)], 1) for v in ctx.vocabs]

@@ -36,7 +36,7 @@ def test_dry_run_lists_every_stage_and_writes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for stage in gpu_check.STAGES:
         assert f"{stage}: about" in proc.stdout
-    assert "-m cuda tests" in proc.stdout
+    assert "-m cuda tests/kernels/test_gpu_linear.py" in proc.stdout  # the riskiest first
     assert proc.stdout.count("benchmarks/bench_kernels.py") == 2  # one run per vocabulary
     assert "--vocab 151936" in proc.stdout and "--dtype bf16" in proc.stdout
     assert "--kernel logits" in proc.stdout and "--kernel linear" not in proc.stdout
@@ -258,6 +258,19 @@ def test_collecting_the_cuda_tests_needs_no_vllm_deepspeed_or_liger():
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert "tests/kernels/test_gpu.py::test_inplace_grad_on_gpu" in proc.stdout
     assert "error" not in proc.stdout.lower().split("short test summary")[0]
+
+
+def test_cuda_test_order_covers_every_cuda_test_compile_cases_last():
+    """The tests stage passes the cuda tests in priority order (GPU_AUDIT 2.3): the same
+    set as `-m cuda tests`, each once, the GEMM tests first, the Inductor compile cases last."""
+    base = ["-m", "pytest", "--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider"]
+    ids = lambda proc: [ln for ln in proc.stdout.splitlines() if "::" in ln]
+    everything = ids(_run(*base, "tests"))
+    ordered = ids(_run(*base, *gpu_check.CUDA_TEST_ORDER))
+    assert len(ordered) == len(set(ordered)) and set(ordered) == set(everything)
+    assert ordered[0].startswith("tests/kernels/test_gpu_linear.py::")
+    compile_cases = [i for i, t in enumerate(ordered) if "test_torch_compile" in t]
+    assert compile_cases == list(range(len(ordered) - len(compile_cases), len(ordered)))
 
 
 def test_sweep_render_format():
