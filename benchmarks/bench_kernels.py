@@ -19,9 +19,10 @@ Each row, written to ``--rows`` (JSON lines) the moment it is measured, also has
 moved (fwd reads the logits once, bwd reads them and writes the gradient, loss does both), the
 peak extra memory of one warm round above its inputs (for bwd, above the state its forward
 left) and on CUDA the bandwidth floor (bytes / measured device copy bandwidth) and
-``x_floor = device_ms / floor_ms``; for ours also the H200 cost model's time
-(``logprob_entropy.cost_model``: bytes, FLOPs, exp2 and SASS instructions against their
-ceilings) and ``x_model = device_ms / model_ms``.
+``x_floor = device_ms / floor_ms``; for ours also the cost model's time
+(``logprob_entropy.cost_model``: bytes, FLOPs, exp2 and SASS instructions against the ceilings
+measured on this GPU, ``device_ceilings`` in benchmarks/conftest.py) and
+``x_model = device_ms / model_ms``.
 
     pytest benchmarks/bench_kernels.py --rows out.jsonl                       # CPU defaults
     pytest benchmarks/bench_kernels.py --device cuda --n 16384 --vocab 151936 --dtype bf16
@@ -266,25 +267,18 @@ def device_name(device: str) -> str:
     return cpu[0].split(":", 1)[1].strip() if cpu else "cpu"
 
 
-@pytest.fixture(scope="session")
-def copy_bandwidth(bench_cfg) -> float | None:
-    """Device-to-device copy bandwidth in bytes/s (read + write), CUDA only."""
-    if bench_cfg.device != "cuda":
-        return None
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    t = timing.measure(lambda: (), lambda: dst.copy_(src), "cuda", rounds=10, warmup=2)
-    return 2 * src.numel() / (t.device_ms * 1e-3)
-
-
-def model_ms(impl: str, op: str, n: int, vocab: int, element_size: int) -> float | None:
-    """The time the logits kernels' cost model predicts on an H200
-    (:func:`aepo.kernels.logprob_entropy.cost_model`) for our implementations; ``loss`` is a
-    forward and a backward with both gradients (the [N]-sized objective is not modelled)."""
+def model_ms(
+    impl: str, op: str, n: int, vocab: int, element_size: int, device: dict
+) -> float | None:
+    """The time the logits kernels' cost model predicts at ``device``'s ceilings (the measured
+    ``device_ceilings``; :func:`aepo.kernels.logprob_entropy.cost_model`) for our
+    implementations; ``loss`` is a forward and a backward with both gradients (the [N]-sized
+    objective is not modelled)."""
     if not impl.startswith("aepo"):
         return None
     kernels = {"fwd": ("fwd",), "bwd": ("bwd",), "loss": ("fwd", "bwd")}[op]
-    return sum(logprob_entropy.cost_model(k, n, vocab, element_size)["model_ms"] for k in kernels)
+    cost = lambda k: logprob_entropy.cost_model(k, n, vocab, element_size, device=device)
+    return sum(cost(k)["model_ms"] for k in kernels)
 
 
 @functools.lru_cache(maxsize=1)  # one case alive at a time: they are GBs on the GPU
@@ -295,7 +289,7 @@ def _case(n: int, vocab: int, dtype: str, device: str) -> Case:
 @pytest.mark.parametrize(
     "impl, op", [(i, o) for i in IMPLS for o in OPS], ids=[f"{i}-{o}" for i in IMPLS for o in OPS]
 )
-def test_kernel(bench_cfg, copy_bandwidth, record_row, vocab, impl, op):
+def test_kernel(bench_cfg, device_ceilings, record_row, vocab, impl, op):
     reason = skip_reason(impl, op, bench_cfg.device)
     if reason:
         pytest.skip(reason)
@@ -310,13 +304,14 @@ def test_kernel(bench_cfg, copy_bandwidth, record_row, vocab, impl, op):
     row = {"suite": "kernels", "impl": impl, "op": op, "computes": COMPUTES[impl], "n": cfg.n}
     row |= {"vocab": vocab, "dtype": cfg.dtype, "device": cfg.device, "bytes": nbytes}
     row |= {"peak_extra_bytes": peak, "device_name": device_name(cfg.device), **t.as_dict()}
-    if copy_bandwidth:
-        floor_ms = 1e3 * nbytes / copy_bandwidth
-        row |= {"copy_bandwidth_GBps": copy_bandwidth / 1e9, "floor_ms": floor_ms}
+    if device_ceilings:  # CUDA: the floor and the model at this GPU's measured ceilings
+        bandwidth = device_ceilings["bytes_per_s"]
+        floor_ms = 1e3 * nbytes / bandwidth
+        row |= {"copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": floor_ms}
         row["x_floor"] = t.device_ms / floor_ms
-    model = model_ms(impl, op, cfg.n, vocab, case.logits.element_size())
-    if model and cfg.device == "cuda":
-        row |= {"model_ms": model, "x_model": t.device_ms / model}
+        model = model_ms(impl, op, cfg.n, vocab, case.logits.element_size(), device_ceilings)
+        if model:
+            row |= {"model_ms": model, "x_model": t.device_ms / model}
     record_row(row)
 
 

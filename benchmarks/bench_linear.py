@@ -22,10 +22,10 @@ backward's recompute, dX and dW), the rate on that count, and the peak extra mem
 round above its inputs **excluding** the d hidden and d weight outputs (measured in a fresh
 process per variant on CPU). On CUDA our two rows also carry the FLOP / byte model of the path
 they run (:func:`aepo.kernels.linear_single_pass.cost_model`; ``linear_gemm.cost_forward`` +
-``cost_backward``) and the time it predicts at an H200's measured ceilings (``model_ms``:
-770 TF/s bf16 GEMM, 4.3 TB/s; :func:`aepo.kernels._cost.roofline_ms`), with
-``model_ratio`` = measured / predicted: near 1 on an H200, and the model's kernel list says
-where a gap comes from.
+``cost_backward``) and the time it predicts at the ceilings measured on that GPU
+(``device_ceilings`` in benchmarks/conftest.py: an 8192^3 bf16 GEMM, a device copy;
+:func:`aepo.kernels._cost.roofline_ms`), with ``model_ratio`` = measured / predicted, and the
+model's kernel list says where a gap comes from.
 
     pytest benchmarks/bench_linear.py --rows out.jsonl                       # CPU defaults
     pytest benchmarks/bench_linear.py --device cuda --n 16384 --hidden 5120 --vocab 151936
@@ -185,9 +185,10 @@ def _cpu_peak_child(impl: str, n: int, h: int, vocab: int, dtype: str) -> None:
     print(json.dumps({"peak_extra_bytes": peak}))
 
 
-def model_fields(impl: str, n: int, h: int, vocab: int, dtype: torch.dtype) -> dict:
-    """Our paths' FLOP / byte model and its predicted time at the H200 ceilings (CUDA paths:
-    the triton backend); {} for the peers."""
+def model_fields(impl: str, n: int, h: int, vocab: int, dtype: torch.dtype, device: dict) -> dict:
+    """Our paths' FLOP / byte model and its predicted time at ``device``'s measured ceilings
+    (``device_ceilings``: GEMM FLOP/s, copy bytes/s; CUDA paths: the triton backend); {} for
+    the peers."""
     if impl == "aepo-linear":
         parts = [linear_single_pass.cost_model(n, h, vocab, dtype)]
     elif impl == "aepo-linear-2pass":
@@ -196,10 +197,13 @@ def model_fields(impl: str, n: int, h: int, vocab: int, dtype: torch.dtype) -> d
         ]
     else:
         return {}
+    tflops, tbps = device["gemm_flops_per_s"] / 1e12, device["bytes_per_s"] / 1e12
     return {
         "model_flops": sum(p["flops"] for p in parts),
         "model_bytes": sum(p["bytes"] for p in parts),
-        "model_ms": sum(_cost.roofline_ms(p) for p in parts),
+        "model_ms": sum(_cost.roofline_ms(p, tflops, tbps) for p in parts),
+        "model_tflops": tflops,
+        "model_tbps": tbps,
         "model_kernels": [k for p in parts for k in p["kernels"]],
     }
 
@@ -216,7 +220,7 @@ def hidden_size(request) -> int:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_linear_loss(bench_cfg, hidden_size, record_row, vocab, impl):
+def test_linear_loss(bench_cfg, hidden_size, device_ceilings, record_row, vocab, impl):
     reason = skip_reason(impl, bench_cfg.device)
     if reason:
         pytest.skip(reason)
@@ -232,8 +236,8 @@ def test_linear_loss(bench_cfg, hidden_size, record_row, vocab, impl):
     row |= {"n": cfg.n, "hidden": h, "vocab": vocab, "dtype": cfg.dtype, "device": cfg.device}
     row |= {"flops": flops, "peak_extra_bytes": peak, "device_name": device_name(cfg.device)}
     row |= {**t.as_dict(), "tflops": flops / t.device_ms / 1e9}
-    if cfg.device == "cuda":  # the model's ceilings are a GPU's
-        row |= model_fields(impl, cfg.n, h, vocab, DTYPES[cfg.dtype])
+    if device_ceilings:  # the model at the ceilings measured on this GPU
+        row |= model_fields(impl, cfg.n, h, vocab, DTYPES[cfg.dtype], device_ceilings)
     if "model_ms" in row:
         row["model_ratio"] = t.device_ms / row["model_ms"]
     record_row(row)

@@ -63,6 +63,40 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("vocab", vocabs, ids=[f"V{v}" for v in vocabs])
 
 
+@pytest.fixture(scope="session")
+def device_ceilings(bench_cfg) -> dict | None:
+    """The cost models' ceilings of the GPU the rows run on, measured there (CUDA only): the
+    device-to-device copy bandwidth (bytes/s, read + write), a dense 8192^3 bf16 GEMM
+    (FLOP/s), and the issue and exp2 rates of the logits model scaled from a GH100 SXM's by
+    this GPU's SM count (aepo.kernels.logprob_entropy.H200, which H100 SXM shares but for its
+    bandwidth). Not the H200 constants on every card (GPU_AUDIT 2.2)."""
+    if bench_cfg.device != "cuda":
+        return None
+    import timing
+
+    from aepo.kernels import logprob_entropy
+
+    def device_ms(make, run) -> float:
+        """Median device time of ``run(*make())``; the operands are freed on return."""
+        args = make()
+        return timing.measure(lambda: (), lambda: run(*args), "cuda", rounds=10, warmup=2).device_ms
+
+    copy_bytes, k = 2 << 30, 8192
+    buffer = lambda: torch.empty(copy_bytes, dtype=torch.uint8, device="cuda")
+    copy_ms = device_ms(lambda: (buffer(), buffer()), lambda src, dst: dst.copy_(src))
+    square = lambda: (torch.randn(k, k, device="cuda", dtype=torch.bfloat16),)
+    gemm_ms = device_ms(square, lambda a: a @ a)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count / 132
+    base = logprob_entropy.H200
+    return {
+        "bytes_per_s": 2 * copy_bytes / (copy_ms * 1e-3),
+        "gemm_flops_per_s": 2 * k**3 / (gemm_ms * 1e-3),
+        "instructions_per_s": base["instructions_per_s"] * sms,
+        "exp2_per_s": base["exp2_per_s"] * sms,
+        "flops_per_s": base["flops_per_s"] * sms,
+    }
+
+
 _MEASURED: list[dict] = []
 
 

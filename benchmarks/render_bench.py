@@ -69,9 +69,9 @@ def render_kernels(key: tuple, impls: dict) -> list[str]:
         lines += ["", f"Floors from a measured device copy bandwidth of {bw:.0f} GB/s."]
     if any(r.get("x_model") for ops in impls.values() for r in ops.values()):
         lines += [
-            "Model: `aepo.kernels.logprob_entropy.cost_model` (H200: 4.3 TB/s, 3.35e13 "
-            "thread instructions/s, 4.18e12 exp2/s; the largest of the bytes, FLOP, exp2 and "
-            "SASS-instruction times)."
+            "Model: `aepo.kernels.logprob_entropy.cost_model` at this GPU's ceilings (the "
+            "measured copy bandwidth; issue and exp2 rates of a GH100 SXM scaled by its SM "
+            "count; the largest of the bytes, FLOP, exp2 and SASS-instruction times)."
         ]
     return [*lines, ""]
 
@@ -84,7 +84,7 @@ def render_linear(key: tuple, impls: dict) -> list[str]:
         f"## N={n} H={hidden} V={vocab} {dtype} on {device}: policy loss fwd+bwd",
         "",
         "| impl | ms | host ms | x naive | TFLOP/s (8NHV) | peak extra MiB (w/o dX, dW) | "
-        "model ms (H200 roofline) | computes |",
+        "model ms (roofline, measured ceilings) | computes |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for impl, ops in impls.items():

@@ -14,17 +14,29 @@ import render_bench  # noqa: E402
 
 from aepo.kernels import logprob_entropy  # noqa: E402
 
+H200 = logprob_entropy.H200
+H100 = H200 | {"bytes_per_s": 3.0e12}  # the same GH100 chip, HBM3 (measured copy, KINDS.md)
+
 
 def test_model_ms_is_the_cost_model_of_our_kernels():
     n, vocab = 64, 151936
     fwd = logprob_entropy.cost_model("fwd", n, vocab, 2)["model_ms"]
     bwd = logprob_entropy.cost_model("bwd", n, vocab, 2)["model_ms"]
-    assert bench_kernels.model_ms("aepo", "fwd", n, vocab, 2) == fwd
-    assert bench_kernels.model_ms("aepo", "bwd", n, vocab, 2) == bwd
-    assert bench_kernels.model_ms("aepo-inplace", "loss", n, vocab, 2) == fwd + bwd
-    assert bench_kernels.model_ms("naive", "fwd", n, vocab, 2) is None
+    assert bench_kernels.model_ms("aepo", "fwd", n, vocab, 2, H200) == fwd
+    assert bench_kernels.model_ms("aepo", "bwd", n, vocab, 2, H200) == bwd
+    assert bench_kernels.model_ms("aepo-inplace", "loss", n, vocab, 2, H200) == fwd + bwd
+    assert bench_kernels.model_ms("naive", "fwd", n, vocab, 2, H200) is None
     # bf16 on an H200 is memory-bound: the model is the byte time, twice as long backward
     assert bwd / fwd > 1.9
+
+
+def test_model_ms_follows_the_measured_device():
+    """On an H100 a kernel at the bandwidth floor must read x_model ~1, not 1.43 (GPU_AUDIT
+    2.2): the model takes the ceilings measured on the card the rows ran on."""
+    n, vocab = 64, 151936
+    h200 = bench_kernels.model_ms("aepo", "fwd", n, vocab, 2, H200)
+    h100 = bench_kernels.model_ms("aepo", "fwd", n, vocab, 2, H100)
+    assert abs(h100 / h200 - 4.3 / 3.0) < 1e-9  # memory-bound: the byte time scales
 
 
 def _row(impl: str, op: str, **extra) -> dict:
