@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -61,3 +63,24 @@ def test_table_shows_measured_over_model():
     assert naive[col].strip() == ""
     assert "logprob_entropy.cost_model" in md
     assert "cost_model" not in render_bench.render(rows[2:])
+
+
+def test_kernel_rows_skip_the_label_host_sync_and_the_e2e_row_keeps_it(monkeypatch):
+    """GPU_AUDIT 2.1: the aepo kernel rows must not contain the public API's host sync (the
+    label range check), the aepo-e2e row must; both compute the same values."""
+    from aepo.kernels import _checks
+
+    calls = []
+    real = _checks._check_label_range
+    monkeypatch.setattr(_checks, "_check_label_range", lambda *a: calls.append(1) or real(*a))
+    case = bench_kernels.make_case(8, 64, bench_kernels.DTYPES["fp32"], "cpu")
+    calls.clear()  # make_case's own old log-probs
+    kernel = bench_kernels.forward("aepo", case.logits, case)
+    loss = bench_kernels.loss("aepo", case.logits.detach().requires_grad_(), case)
+    assert calls == []
+    e2e = bench_kernels.forward("aepo-e2e", case.logits, case)
+    e2e_loss = bench_kernels.loss("aepo-e2e", case.logits.detach().requires_grad_(), case)
+    assert len(calls) == 2
+    assert all(torch.equal(a, b) for a, b in zip(kernel, e2e, strict=True))
+    assert torch.equal(loss, e2e_loss)
+    assert bench_kernels.skip_reason("aepo-e2e", "bwd", "cuda")

@@ -179,6 +179,8 @@ def test_rehearsal_writes_every_row_and_at_most_eight_files(rehearsal):
         ("aepo", "loss"),
         ("aepo-inplace", "bwd"),
         ("aepo-inplace", "loss"),
+        ("aepo-e2e", "fwd"),  # the public API end to end, its label check's sync included
+        ("aepo-e2e", "loss"),
     }
     linear = {i for s, i, _ in got if s == "linear"}
     assert {"aepo-linear", "matmul+fused", "naive", "trl-chunked", "liger"} <= linear
