@@ -84,3 +84,33 @@ def test_kernel_rows_skip_the_label_host_sync_and_the_e2e_row_keeps_it(monkeypat
     assert all(torch.equal(a, b) for a, b in zip(kernel, e2e, strict=True))
     assert torch.equal(loss, e2e_loss)
     assert bench_kernels.skip_reason("aepo-e2e", "bwd", "cuda")
+
+
+def test_suites_feed_pytest_benchmark_the_device_times(tmp_path):
+    """The kernel suites are pytest-benchmark suites: each test's statistics are the device
+    times timing.measure took (not the plugin's host clock), its extra_info the row, and
+    --benchmark-save / --benchmark-compare work on them."""
+    import json
+    import os
+    import subprocess
+
+    pytest = __import__("pytest")
+    pytest.importorskip("pytest_benchmark")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    storage = f"file://{tmp_path / 'store'}"
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    base += ["benchmarks/bench_kernels.py", "--n", "16", "--vocab", "256", "--rounds", "3"]
+    base += ["-k", "aepo-fwd or naive-loss", f"--benchmark-storage={storage}"]
+    out = tmp_path / "bench.json"
+    first = [*base, f"--benchmark-json={out}", "--benchmark-save=first"]
+    proc = subprocess.run(first, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    benches = json.loads(out.read_text())["benchmarks"]
+    assert {b["extra_info"]["impl"] for b in benches} == {"aepo", "naive"}
+    for b in benches:
+        info, stats = b["extra_info"], b["stats"]
+        assert stats["rounds"] == info["rounds"] == 3
+        assert abs(stats["median"] - info["device_ms"] / 1e3) <= 5e-8  # its JSON keeps 0.1 us
+    again = [*base, "--benchmark-compare=0001"]  # a table against the saved run
+    proc = subprocess.run(again, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "0001_first" in proc.stdout, proc.stdout[-3000:]
