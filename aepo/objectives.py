@@ -34,6 +34,22 @@ def _same_shape(**tensors: torch.Tensor | None) -> None:
         raise ValueError("shape mismatch: " + ", ".join(f"{k} {s}" for k, s in shapes.items()))
 
 
+def per_token(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[..., T] advantages from per-token ones ([..., T], returned as is) or per-sequence ones
+    ([...] as :func:`group_advantages` returns them, or [..., 1]), broadcast over T (a view)."""
+    if not isinstance(advantages, torch.Tensor) or advantages.shape == mask.shape:
+        return advantages
+    if advantages.dim() == mask.dim() and advantages.shape[-1] != 1:
+        return advantages  # per token, of another shape: the shape checks name what differs
+    lead = tuple(mask.shape[:-1])
+    if tuple(advantages.shape) in (lead, (*lead, 1)):
+        return advantages.reshape(*lead, 1).expand(mask.shape)
+    raise ValueError(
+        f"advantages {tuple(advantages.shape)} must be per token {tuple(mask.shape)}, or per "
+        f"sequence {lead} or {(*lead, 1)} (broadcast over the tokens)"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Advantages (AEPO_SPEC section 1)
 
@@ -172,6 +188,7 @@ def entropy_aware_advantages(
     Returns:
         [..., T] modified advantages (equal to ``advantages`` when coef == 0).
     """
+    advantages = per_token(advantages, mask)
     _same_shape(advantages=advantages, entropy=entropy, mask=mask)
     if coef == 0:
         return advantages
@@ -377,7 +394,8 @@ def policy_loss(
     Args:
         logp: [..., T] log-probs of the sampled tokens under the current policy (with grad).
         old_logp: [..., T] log-probs under the policy that sampled (no grad).
-        advantages: [..., T] per-token advantages (broadcast per-sequence ones first).
+        advantages: [..., T] per-token advantages, or per-sequence ones ([...] or [..., 1]),
+            broadcast over T.
         mask: [..., T] 1 for policy-sampled tokens, 0 for prompt / tool-result / padding.
         objective: one of ``OBJECTIVES`` (AEPO_SPEC section 2).
         entropy: [..., T] per-token entropy of the current policy. For "aepo" with
@@ -399,6 +417,7 @@ def policy_loss(
     _check_policy_args(
         objective, agg, eps_low, eps_high, clip_ratio_c, entropy, entropy_coef, ref_logp, kl_coef
     )
+    advantages = per_token(advantages, mask)
     _same_shape(
         logp=logp,
         old_logp=old_logp,

@@ -24,7 +24,7 @@ from aepo.kernels.tree_rows import (
     unique_edges,
     unique_table,
 )
-from aepo.objectives import policy_loss, to_device
+from aepo.objectives import per_token, policy_loss, to_device
 
 
 def forward_stats(logits, labels, inv_temperature, ignore_index, backend):
@@ -130,6 +130,7 @@ def fused_policy_loss(
     ignore_index = -100
     moved = to_device((old_logp, advantages, mask, policy_loss_kwargs), logits.device)
     old_logp, advantages, mask, policy_loss_kwargs = moved  # host inputs, as policy_loss
+    advantages = per_token(advantages, mask)  # per-sequence ones broadcast over the tokens
     labels = mask_to_labels(mask, labels, ignore_index)
     if rows is not None:
         args = (temperature, backend, inplace_grad, policy_loss_kwargs)

@@ -41,7 +41,13 @@ from aepo.kernels.tree_rows import (
     unique_edges,
     unique_table,
 )
-from aepo.objectives import aggregation_weights, per_token_gradients, policy_loss, to_device
+from aepo.objectives import (
+    aggregation_weights,
+    per_token,
+    per_token_gradients,
+    policy_loss,
+    to_device,
+)
 
 
 def _backend_module(backend: str):
@@ -285,6 +291,7 @@ def fused_linear_policy_loss(
     """
     moved = to_device((old_logp, advantages, mask, policy_loss_kwargs), hidden.device)
     old_logp, advantages, mask, policy_loss_kwargs = moved  # host inputs, as policy_loss
+    advantages = per_token(advantages, mask)  # per-sequence ones broadcast over the tokens
     labels = mask_to_labels(mask, labels)
     if _single_pass(hidden, weight, process_group, policy_loss_kwargs):
         tokens = (labels, old_logp, advantages, mask)

@@ -270,3 +270,35 @@ def test_per_token_gradients_only_fails_for_in_loss_entropy_statistics():
     assert per_token_gradients(objective="aepo", entropy_adv_coef=0.0)
     for objective in set(OBJECTIVES) - {"aepo"}:
         assert per_token_gradients(objective=objective)
+
+
+@pytest.mark.parametrize("api", ["policy_loss", "fused_policy_loss", "fused_linear_policy_loss"])
+def test_per_sequence_advantages_broadcast_over_the_tokens(api):
+    """group_advantages gives [B]; [B], [B, 1] and the [B, T] expansion give the same loss
+    and gradient; another shape names both accepted forms."""
+    from aepo.kernels import fused_linear_policy_loss, fused_policy_loss
+
+    g = torch.Generator().manual_seed(3)
+    b, t, h, v = 3, 5, 8, 30
+    hidden, weight = torch.randn(b, t, h, generator=g), torch.randn(v, h, generator=g)
+    labels = torch.randint(0, v, (b, t), generator=g)
+    old, mask = -2 * torch.rand(b, t, generator=g), (torch.rand(b, t, generator=g) > 0.2).float()
+    seq = torch.randn(b, generator=g)
+
+    def run(adv):
+        x = hidden.clone().requires_grad_()
+        if api == "policy_loss":
+            logp = torch.log_softmax(x @ weight.T, -1).gather(-1, labels[..., None])[..., 0]
+            loss, _ = policy_loss(logp, old, adv, mask, objective="grpo")
+        elif api == "fused_policy_loss":
+            loss, _ = fused_policy_loss(x @ weight.T, labels, old, adv, mask, backend="torch")
+        else:
+            loss, _ = fused_linear_policy_loss(x, weight, labels, old, adv, mask, backend="torch")
+        return loss, torch.autograd.grad(loss, x)[0]
+
+    want = run(seq[:, None].expand(b, t))
+    for adv in (seq, seq[:, None]):
+        got = run(adv)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    with pytest.raises(ValueError, match=r"per token \(3, 5\), or per sequence \(3,\) or \(3, 1\)"):
+        run(torch.randn(b + 1))
