@@ -158,11 +158,7 @@ def load_config(
     path: str | Path | None = None, overrides: typing.Sequence[str] = ()
 ) -> TrainConfig:
     """YAML file (optional) + ``a.b=value`` overrides (values parsed as YAML) -> TrainConfig."""
-    raw = {}
-    if path is not None:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    raw = {} if path is None else _read_yaml(Path(path))
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -173,10 +169,32 @@ def load_config(
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
     cfg = _build(TrainConfig, raw, "")
     _validate(cfg)
     return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    """The config file's mapping; a missing file, a folder or a YAML syntax error is a
+    ConfigError naming the file (and the line and column)."""
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is a folder: give the YAML file inside it")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    return raw
 
 
 def _build(cls, raw, prefix: str):

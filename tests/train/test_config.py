@@ -217,3 +217,19 @@ def test_gradient_checkpointing_reaches_the_model(tmp_path, monkeypatch, on):
     with pytest.raises(Wrapped) as got:
         PolicyEngine(cfg, str(path), grad_accum=1)
     assert got.value.args[0].is_gradient_checkpointing is on
+
+
+def test_config_file_mistakes_name_the_file_and_line(tmp_path):
+    """A missing file, a folder and a YAML syntax error: one ConfigError naming the file (and
+    line:column), not a traceback from deep inside yaml (issue 29 point 2, part)."""
+    with pytest.raises(ConfigError, match=r"config file .*nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"is a folder: give the YAML file inside it"):
+        load_config(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: 1e-4\n  betas: [0.9, 0.99\nrun:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+:\d+: not valid YAML"):
+        load_config(bad)
+    good = tmp_path / "good.yaml"
+    good.write_text("optim:\n  lr: 1e-4\n")  # YAML 1.1 reads 1e-4 as a string
+    assert load_config(good).optim.lr == 1e-4
