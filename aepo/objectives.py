@@ -426,9 +426,11 @@ def policy_loss(
         entropy=entropy,
         ref_logp=ref_logp,
     )
+    # host inputs where the log-probs are; statistics and group ids are moved where they are
+    # used (entropy_aware_advantages, _group_entropy_statistics)
     on = lambda x: to_device(x, logp.device)
     old_logp, advantages, mask, ref_logp = on(old_logp), on(advantages), on(mask), on(ref_logp)
-    entropy_stats, group_ids, normalizer = on(entropy_stats), on(group_ids), on(normalizer)
+    normalizer = on(normalizer)
     # Masked positions may hold anything (padding with -inf old log-probs): neutralise them so
     # that every intermediate stays finite and their gradient is exactly 0.
     keep = mask.bool()

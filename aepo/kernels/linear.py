@@ -422,12 +422,12 @@ def _block_gradients(index, old_logp, advantages, mask, kw, occ=None):
     blocks are blocks of edges: the objective runs on every occurrence of the block's edges,
     each with its own old_logp / advantage / ref_logp / statistics / weight, and the
     occurrences' (dL/dlogp, dL/dH) are summed onto their edges."""
-    on = lambda t: to_device(torch.as_tensor(t), index.device)  # host inputs, as policy_loss
-    mask = on(mask)
+    # the tensors are on index's device already (fused_linear_policy_loss moved them); a
+    # statistic may be a Python number, made a tensor there
+    on = lambda t: torch.as_tensor(t, device=index.device)
     pick = lambda t: on(t).expand(mask.shape).reshape(-1).index_select(0, index)
     old, adv = pick(old_logp), pick(advantages)
-    normalizer = to_device(kw.get("normalizer"), index.device)
-    weights = pick(aggregation_weights(mask, kw.get("agg", "token-mean"), normalizer))
+    weights = pick(aggregation_weights(mask, kw.get("agg", "token-mean"), kw.get("normalizer")))
     ref = None if kw.get("ref_logp") is None else pick(kw["ref_logp"])
     stats = kw.get("entropy_stats")
     stats = None if stats is None else tuple(pick(t) for t in stats)
